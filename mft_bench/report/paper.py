@@ -1,0 +1,204 @@
+"""The paper's numbers (``results/paper/<key>.json``) and the paper-shaped table across recipes.
+
+Paper-shaped table: one block per run (domain x backbone x recipe) with our row and, where the run names
+a ``paper_key``, the paper's row beneath; columns are the six arms (pretrained, FFT, LoRA, random mask,
+magnitude mask, MFT) on the domain's headline benchmark (primary metric), each with its delta vs FFT.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from mft_bench.errors import MftBenchError
+from mft_bench.report.collect import atomic_write_text, dumps_json, read_json
+
+log = logging.getLogger(__name__)
+
+PAPER_ARMS = ("baseline", "fft", "lora", "random_mask", "magnitude_mask", "mft")
+ARM_LABELS = {
+    "baseline": "Pretrained", "fft": "FFT", "lora": "LoRA",
+    "random_mask": "Random mask", "magnitude_mask": "Magnitude mask", "mft": "MFT",
+}
+DOMAIN_BENCHMARKS = {"math": "gsm8k", "coding": "humaneval", "instruction": "ifeval"}
+
+
+def paper_dir() -> Path:
+    """``results/paper`` of the checkout this package lives in."""
+    return Path(__file__).resolve().parents[2] / "results" / "paper"
+
+
+def load_paper_numbers(key: str, directory: Path | None = None) -> dict[str, Any] | None:
+    """The paper file for ``key`` (e.g. ``llama2-7b``), or None when there is none."""
+    path = (directory or paper_dir()) / f"{key}.json"
+    if not path.is_file():
+        return None
+    data = read_json(path, "paper numbers")
+    if not isinstance(data, dict) or not isinstance(data.get("domains"), dict):
+        raise MftBenchError(f"{path}: paper numbers need a 'domains' mapping")
+    return data
+
+
+def paper_value(paper_entry: dict[str, Any] | None, arm: str) -> float | None:
+    """The paper's number (percent) for an arm in one domain entry; None when it was not reported."""
+    if not paper_entry:
+        return None
+    value = (paper_entry.get("values") or {}).get(arm.removesuffix("@val"))
+    return float(value) if value is not None else None
+
+
+def _headline(report: dict[str, Any]) -> tuple[str, str] | None:
+    benchmarks = report.get("benchmarks") or {}
+    entry = (report.get("paper") or {}).get("entry") or {}
+    wanted = entry.get("benchmark") or DOMAIN_BENCHMARKS.get(report.get("domain") or "")
+    if wanted in benchmarks:
+        return wanted, benchmarks[wanted]["primary_metric"]
+    if benchmarks:
+        first = next(iter(benchmarks))
+        return first, benchmarks[first]["primary_metric"]
+    return None
+
+
+def paper_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Tidy rows (one per arm) of one run's block of the paper-shaped table. Values in percent."""
+    headline = _headline(report)
+    if headline is None:
+        return []
+    benchmark, metric = headline
+    rows = {r["arm"]: r for r in report["rows"] if r["benchmark"] == benchmark and r["metric"] == metric}
+    deltas = {c["arm_a"]: c for c in report["comparisons"]
+              if c["arm_b"] == "fft" and c["benchmark"] == benchmark and c["metric"] == metric}
+    entry = (report.get("paper") or {}).get("entry")
+    paper_fft = paper_value(entry, "fft")
+    out = []
+    for arm in PAPER_ARMS:
+        row, delta = rows.get(arm), deltas.get(arm)
+        ours = row["value"] * 100.0 if row else None
+        if arm == "fft" and row:
+            delta_value: float | None = 0.0
+        else:
+            delta_value = delta["diff"] * 100.0 if delta else None
+        paper = paper_value(entry, arm)
+        out.append({
+            "recipe": report.get("recipe"), "backbone": report.get("backbone"), "domain": report.get("domain"),
+            "benchmark": benchmark, "metric": metric, "arm": arm,
+            "value": ours, "ci_low": row["ci_low"] * 100.0 if row else None,
+            "ci_high": row["ci_high"] * 100.0 if row else None, "n": row["n"] if row else None,
+            "delta_vs_fft": delta_value, "delta_significant": bool(delta["significant"]) if delta else None,
+            "delta_p_value": delta["p_value"] if delta else None,
+            "paper_value": paper,
+            "paper_delta_vs_fft": (paper - paper_fft) if paper is not None and paper_fft is not None else None,
+        })
+    return out
+
+
+def _present(value: Any) -> bool:
+    return value is not None and not pd.isna(value)
+
+
+def _cell(value: float | None, delta: float | None, significant: Any, arm: str, *, mark: str) -> str:
+    if not _present(value):
+        return "—"
+    text = f"{value:.1f}"
+    if arm != "fft" and _present(delta):
+        text += f" ({delta:+.1f}{mark if _present(significant) and bool(significant) else ''})"
+    return text
+
+
+def _load_report(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / "report.json"
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    from mft_bench.report.build import build_report
+
+    return build_report(Path(run_dir))
+
+
+def _blocks(frame: pd.DataFrame) -> list[tuple[list[str], list[str] | None]]:
+    """Per run: (our cells, the paper's cells or None) in PAPER_ARMS order."""
+    blocks = []
+    for _, group in frame.groupby(["domain", "backbone", "recipe"], sort=False, dropna=False):
+        ours = [_cell(r.value, r.delta_vs_fft, r.delta_significant, r.arm, mark="†") for r in group.itertuples()]
+        if group["paper_value"].notna().any():
+            paper = [_cell(r.paper_value, r.paper_delta_vs_fft, False, r.arm, mark="")
+                     for r in group.itertuples()]
+        else:
+            paper = None
+        blocks.append((ours, paper))
+    return blocks
+
+
+def render_paper_markdown(frame: pd.DataFrame) -> str:
+    header = ["domain", "benchmark", "source", *[ARM_LABELS[a] for a in PAPER_ARMS]]
+    lines = [
+        "# MFT and baselines across domains",
+        "",
+        "Primary metric of each domain's headline benchmark, percent; (Δ vs FFT); † paired test significant "
+        "at 5% (McNemar exact for 0/1 scores, paired bootstrap otherwise). Paper rows: numbers the paper "
+        "reports (results/paper/), not comparable in backbone size unless the backbone matches.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] * len(header)) + "|",
+    ]
+    groups = list(frame.groupby(["domain", "backbone", "recipe"], sort=False, dropna=False))
+    for (key, group), (ours, paper) in zip(groups, _blocks(frame)):
+        domain, backbone, recipe = key
+        first = group.iloc[0]
+        label = f"{first['benchmark']}:{first['metric']}"
+        lines.append("| " + " | ".join([str(domain or "—"), label, f"ours ({recipe}, {backbone})", *ours]) + " |")
+        if paper is not None:
+            lines.append("| " + " | ".join(["", "", "paper", *paper]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render_paper_latex(frame: pd.DataFrame) -> str:
+    from mft_bench.report.tables import latex_escape
+
+    columns = "lll" + "r" * len(PAPER_ARMS)
+    lines = [
+        "% generated by mft-bench report; needs \\usepackage{booktabs}",
+        f"\\begin{{tabular}}{{{columns}}}",
+        "\\toprule",
+        " & ".join(["Domain", "Benchmark", "Source", *[ARM_LABELS[a] for a in PAPER_ARMS]]) + " \\\\",
+        "\\midrule",
+    ]
+    groups = list(frame.groupby(["domain", "backbone", "recipe"], sort=False, dropna=False))
+    for (key, group), (ours, paper) in zip(groups, _blocks(frame)):
+        domain, _, recipe = key
+        first = group.iloc[0]
+        cells = [latex_escape(c).replace("†", "$^\\dagger$") for c in ours]
+        lines.append(" & ".join([latex_escape(str(domain or "--")), latex_escape(str(first["benchmark"])),
+                                 latex_escape(f"ours ({recipe})"), *cells]) + " \\\\")
+        if paper is not None:
+            lines.append(" & ".join(["", "", "paper", *[latex_escape(c) for c in paper]]) + " \\\\")
+    lines += ["\\bottomrule", "\\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def paper_table(run_dirs: list[Path], out_dir: Path) -> list[Path]:
+    """Across recipes: domains x arms with deltas vs FFT and the paper's numbers beside.
+
+    Reads each run's ``report.json`` (built when absent). Writes ``paper_table.{md,csv,tex,json}``.
+    """
+    if not run_dirs:
+        raise MftBenchError("paper table: give at least one run folder")
+    rows: list[dict[str, Any]] = []
+    for run_dir in run_dirs:
+        block = paper_rows(_load_report(Path(run_dir)))
+        if not block:
+            log.warning("%s: no benchmark rows; left out of the paper table", run_dir)
+        rows += block
+    if not rows:
+        raise MftBenchError("paper table: none of the run folders has evaluated benchmarks")
+    frame = pd.DataFrame(rows)
+    out_dir = Path(out_dir)
+    return [
+        atomic_write_text(out_dir / "paper_table.md", render_paper_markdown(frame)),
+        atomic_write_text(out_dir / "paper_table.csv", frame.to_csv(index=False, float_format="%.6g")),
+        atomic_write_text(out_dir / "paper_table.tex", render_paper_latex(frame)),
+        atomic_write_text(out_dir / "paper_table.json", dumps_json({"rows": rows})),
+    ]

@@ -1,0 +1,250 @@
+"""build_report / write_report / paper_table on a fake run folder (no model needed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mft_bench.errors import MftBenchError
+from mft_bench.report import build_report, paper_table, write_report
+from mft_bench.report.collect import dumps_json
+from mft_bench.report.plots import mask_stats_frame, overlap_value, plot_mask_frames
+
+ARMS = ["baseline", "fft", "mft", "lora", "random_mask", "magnitude_mask"]
+GSM8K_RATE = {"baseline": 0.1, "fft": 0.45, "mft": 0.47, "lora": 0.35, "random_mask": 0.4, "magnitude_mask": 0.3}
+N_GSM8K, N_IFEVAL = 300, 60
+
+
+def _scores(rate: float, n: int, seed: int) -> np.ndarray:
+    return (np.random.default_rng(seed).random(n) < rate).astype(float)
+
+
+def _write_eval(run_dir: Path, name: str, benchmark: str, primary: str, item_scores: dict[str, np.ndarray]) -> dict:
+    folder = run_dir / "stages" / name
+    folder.mkdir(parents=True)
+    n = len(next(iter(item_scores.values())))
+    lines = [json.dumps({"id": f"{benchmark}/{i}", "output": "x",
+                         "scores": {m: float(v[i]) for m, v in item_scores.items()}}) for i in range(n)]
+    (folder / "records.jsonl").write_text("\n".join(lines) + "\n")
+    metrics = {m: {"mean": float(v.mean()), "stderr": float(v.std() / np.sqrt(n))} for m, v in item_scores.items()}
+    (folder / "metrics.json").write_text(json.dumps({"benchmark": benchmark, "n": n, "primary_metric": primary,
+                                                     "metrics": metrics, "versions": {"prompt": "1"}}))
+    return {"metrics": f"stages/{name}/metrics.json", "records": f"stages/{name}/records.jsonl"}
+
+
+def make_run(run_dir: Path, *, checkpoints: bool = True, paper_key: str | None = "llama2-7b") -> Path:
+    """A run folder with gsm8k (binary) and ifeval (binary prompt-level + fractional instruction-level)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    evaluations = []
+    fft_gsm = _scores(GSM8K_RATE["fft"], N_GSM8K, 1)
+    for k, arm in enumerate(ARMS):
+        if arm == "mft":  # MFT = FFT plus a few items fixed, so the pairing matters
+            gsm = fft_gsm.copy()
+            gsm[np.flatnonzero(fft_gsm == 0)[:8]] = 1.0
+        elif arm == "fft":
+            gsm = fft_gsm
+        else:
+            gsm = _scores(GSM8K_RATE[arm], N_GSM8K, 10 + k)
+        rng = np.random.default_rng(100 + k)
+        inst = rng.integers(0, 5, size=N_IFEVAL) / 4.0
+        prompt = (inst == 1.0).astype(float)
+        entry = _write_eval(run_dir, f"eval-{arm}-gsm8k", "gsm8k", "exact_match",
+                            {"exact_match": gsm, "exact_match_strict": gsm * (rng.random(N_GSM8K) < 0.9)})
+        evaluations.append({"arm": arm, "checkpoint": "last", "step": None, "split": "test", "benchmark": "gsm8k",
+                            **entry})
+        entry = _write_eval(run_dir, f"eval-{arm}-ifeval", "ifeval", "prompt_level_strict_acc",
+                            {"prompt_level_strict_acc": prompt, "inst_level_strict_acc": inst})
+        evaluations.append({"arm": arm, "checkpoint": "last", "step": None, "split": "test", "benchmark": "ifeval",
+                            **entry})
+    training = []
+    if checkpoints:
+        # validation scores: fft best at step-20 (tie with last -> earliest wins), mft best at last
+        validation = {"fft": {"step-10": 0.30, "step-20": 0.50, "last": 0.50},
+                      "mft": {"step-10": 0.30, "step-20": 0.40, "last": 0.55}}
+        for arm, by_checkpoint in validation.items():
+            for j, (checkpoint, rate) in enumerate(by_checkpoint.items()):
+                step = {"step-10": 10, "step-20": 20, "last": 30}[checkpoint]
+                val = np.zeros(40)
+                val[: int(rate * 40)] = 1.0
+                entry = _write_eval(run_dir, f"val-{arm}-{checkpoint}", "gsm8k", "exact_match", {"exact_match": val})
+                evaluations.append({"arm": arm, "checkpoint": checkpoint, "step": step, "split": "validation",
+                                    "benchmark": "gsm8k", **entry})
+                if checkpoint != "last":
+                    test = _scores(0.2 + 0.05 * j, N_GSM8K, 50 + j)
+                    entry = _write_eval(run_dir, f"test-{arm}-{checkpoint}", "gsm8k", "exact_match",
+                                        {"exact_match": test, "exact_match_strict": test})
+                    evaluations.append({"arm": arm, "checkpoint": checkpoint, "step": step, "split": "test",
+                                        "benchmark": "gsm8k", **entry})
+        for arm in ("fft", "mft"):
+            folder = run_dir / "stages" / f"{arm}-train"
+            folder.mkdir(parents=True)
+            history = [{"step": s, "loss": 2.0 / s} for s in range(1, 31)] + [{"step": 30, "eval_loss": 0.5}]
+            (folder / "log_history.json").write_text(json.dumps(history))
+            training.append({"arm": arm, "log_history": f"stages/{arm}-train/log_history.json"})
+    run = {"recipe": "fake", "recipe_hash": "abc", "domain": "math", "backbone": "tiny", "paper_key": paper_key,
+           "arms": ARMS, "evaluations": evaluations, "training": training, "masks": {},
+           "provenance": {"git_commit": "deadbeef", "packages": {"torch": "2"}, "data_hashes": {"gsm8k": "h"},
+                          "prompt_versions": {"gsm8k": "1"}}}
+    (run_dir / "run.json").write_text(json.dumps(run))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def run_and_report(tmp_path_factory):
+    run_dir = make_run(tmp_path_factory.mktemp("run") / "fake")
+    return run_dir, build_report(run_dir, n_bootstrap=2000, seed=0)
+
+
+@pytest.fixture(scope="module")
+def written(run_and_report):
+    run_dir, report = run_and_report
+    return write_report(report, run_dir)
+
+
+def _row(report, arm, benchmark, metric):
+    return next(r for r in report["rows"] if (r["arm"], r["benchmark"], r["metric"]) == (arm, benchmark, metric))
+
+
+def _cmp(report, a, b, benchmark, metric):
+    return next(c for c in report["comparisons"]
+                if (c["arm_a"], c["arm_b"], c["benchmark"], c["metric"]) == (a, b, benchmark, metric))
+
+
+def test_rows_have_contract_fields_and_methods(run_and_report):
+    _, report = run_and_report
+    for row in report["rows"]:
+        assert {"arm", "benchmark", "metric", "value", "n", "ci_low", "ci_high"} <= set(row)
+        assert row["ci_low"] <= row["value"] <= row["ci_high"]
+    gsm = _row(report, "fft", "gsm8k", "exact_match")
+    assert gsm["n"] == N_GSM8K and gsm["ci_method"] == "wilson"
+    assert _row(report, "fft", "ifeval", "inst_level_strict_acc")["ci_method"] == "bootstrap"
+    assert _row(report, "fft", "ifeval", "prompt_level_strict_acc")["ci_method"] == "wilson"
+    assert set(report["provenance"]) >= {"git_commit", "packages", "data_hashes", "prompt_versions"}
+    assert report["provenance"]["git_commit"] == "deadbeef"
+
+
+def test_comparisons_cover_every_arm_vs_fft_and_mft_vs_every_arm(run_and_report):
+    _, report = run_and_report
+    pairs = {(c["arm_a"], c["arm_b"]) for c in report["comparisons"] if c["benchmark"] == "gsm8k"}
+    assert {(arm, "fft") for arm in ARMS if arm != "fft"} <= pairs
+    assert {("mft", arm) for arm in ARMS if arm not in ("mft", "fft")} <= pairs
+    assert ("fft", "mft") not in pairs
+    mft_fft = _cmp(report, "mft", "fft", "gsm8k", "exact_match")
+    assert mft_fft["diff"] == pytest.approx(8 / N_GSM8K)
+    assert mft_fft["test"] == "mcnemar" and mft_fft["discordant"] == 8
+    assert mft_fft["p_value"] == pytest.approx(2 / 2 ** 8) and mft_fft["significant"]
+    base = _cmp(report, "baseline", "fft", "gsm8k", "exact_match")
+    assert base["diff"] < 0 and base["significant"] and base["ci_high"] < 0
+    inst = _cmp(report, "mft", "fft", "ifeval", "inst_level_strict_acc")
+    assert inst["test"] == "bootstrap"
+    assert inst["significant"] == (inst["ci_low"] > 0 or inst["ci_high"] < 0)
+
+
+def test_validation_selected_rows(run_and_report):
+    _, report = run_and_report
+    assert report["selection"]["fft"]["checkpoint"] == "step-20"  # tie with "last" -> earliest
+    assert report["selection"]["mft"]["checkpoint"] == "last"
+    arms = {r["arm"] for r in report["rows"]}
+    assert {"fft@val", "mft@val"} <= arms and "lora@val" not in arms
+    selected = _row(report, "fft@val", "gsm8k", "exact_match")
+    last = _row(report, "fft", "gsm8k", "exact_match")
+    assert selected["value"] != last["value"]
+    mft_selected = _row(report, "mft@val", "gsm8k", "exact_match")
+    assert mft_selected["value"] == _row(report, "mft", "gsm8k", "exact_match")["value"]
+    assert any(c["arm_a"] == "mft@val" and c["arm_b"] == "fft@val" for c in report["comparisons"])
+    # plain rows are the test numbers of the last checkpoint, never a validation evaluation
+    assert all(r["n"] != 40 for r in report["rows"])
+
+
+def test_resolution_says_whether_two_points_are_resolvable(run_and_report):
+    _, report = run_and_report
+    gsm = next(e for e in report["resolution"] if e["benchmark"] == "gsm8k")
+    assert gsm["arm_a"] == "mft" and gsm["arm_b"] == "fft" and gsm["discordant"] == 8
+    assert gsm["min_net_items"] == 8 and gsm["floor_items"] == 6
+    assert gsm["two_point_resolvable"] is False  # 8/300 = 2.7 points needed
+    from mft_bench.report.build import resolution_entry
+
+    humaneval = resolution_entry("humaneval", "pass@1", 164, None, confidence=0.95)
+    assert humaneval["floor_diff"] == pytest.approx(6 / 164) and not humaneval["two_point_resolvable"]
+
+
+def test_report_is_deterministic_and_written_in_all_formats(run_and_report, written):
+    run_dir, report = run_and_report
+    again = build_report(run_dir, n_bootstrap=2000, seed=0)
+    names = {p.name for p in written}
+    assert {"report.json", "report.md", "report.csv", "report.tex"} <= names
+    assert {"metrics.png", "metrics.svg", "training.png", "training.svg"} <= names
+    assert all(p.stat().st_size > 0 for p in written)
+    first = (run_dir / "report.json").read_bytes()
+    assert dumps_json(again).encode() == first  # what write_report writes, byte for byte
+    assert json.loads(first)["rows"] == report["rows"]
+    markdown = (run_dir / "report.md").read_text()
+    assert "| pretrained |" in markdown and "fft (val-selected)" in markdown
+    assert "†" in markdown and "gsm8k (paper)" in markdown and "46.9" in markdown
+    assert "NOT resolvable" in markdown
+    csv = pd.read_csv(run_dir / "report.csv")
+    assert len(csv) == len(report["rows"])
+    assert csv.loc[(csv.arm == "fft") & (csv.metric == "exact_match"), "paper_value"].iloc[0] == pytest.approx(0.469)
+    tex = (run_dir / "report.tex").read_text()
+    assert "\\toprule" in tex and "\\bottomrule" in tex and "exact\\_match" in tex
+    assert not list(run_dir.glob(".*.tmp"))
+
+
+def test_paper_table_across_recipes(run_and_report, written, tmp_path):
+    run_dir, report = run_and_report
+    other = make_run(tmp_path / "other", checkpoints=False, paper_key=None)
+    written = paper_table([run_dir, other], tmp_path / "out")
+    assert {p.suffix for p in written} == {".md", ".csv", ".tex", ".json"}
+    rows = json.loads((tmp_path / "out" / "paper_table.json").read_text())["rows"]
+    assert len(rows) == 12
+    mft = next(r for r in rows if r["recipe"] == "fake" and r["arm"] == "mft" and r["paper_value"] is not None)
+    assert mft["paper_value"] == 47.3 and mft["paper_delta_vs_fft"] == pytest.approx(0.4)
+    assert mft["delta_vs_fft"] == pytest.approx(100 * 8 / N_GSM8K)
+    markdown = (tmp_path / "out" / "paper_table.md").read_text()
+    assert markdown.count("| paper |") == 1 and "47.3 (+0.4)" in markdown
+
+
+def test_missing_run_json_is_a_user_error(tmp_path):
+    with pytest.raises(MftBenchError, match="run.json"):
+        build_report(tmp_path)
+
+
+def test_mask_plot_from_statistics(tmp_path):
+    stats = {"model.layers.4.self_attn.q_proj": {"removed": 10, "numel": 100},
+             "model.layers.4.mlp.up_proj": 0.1, "model.layers.5.self_attn.q_proj": {"removed_fraction": 0.2}}
+    frame = mask_stats_frame(stats)
+    assert list(frame["layer"]) == [4, 4, 5] and list(frame["module"]) == ["q_proj", "up_proj", "q_proj"]
+    assert frame["removed_fraction"].tolist() == pytest.approx([0.1, 0.1, 0.2])
+    assert overlap_value({"jaccard": 0.3}) == 0.3 and overlap_value(0.5) == 0.5
+    written = plot_mask_frames(frame, {"random_mask": 0.1, "magnitude_mask": 0.4}, tmp_path)
+    assert sorted(p.name for p in written) == ["masks.png", "masks.svg"]
+    assert all(p.stat().st_size > 0 for p in written)
+
+
+def test_mask_plot_from_mask_files(tmp_path):
+    torch = pytest.importorskip("torch")
+    try:
+        from mft_bench.masking.mask_io import save_masks
+        import mft_bench.masking.stats  # noqa: F401
+    except ImportError:
+        pytest.skip("mft_bench.masking not available")
+    from mft_bench.report.collect import load_run
+    from mft_bench.report.plots import plot_mask_statistics
+
+    run_dir = make_run(tmp_path / "run", checkpoints=False)
+    generator = torch.Generator().manual_seed(0)
+    names = [f"model.layers.{i}.{m}" for i in (4, 5) for m in ("self_attn.q_proj", "mlp.up_proj")]
+    masks = {arm: {n: torch.rand(8, 16, generator=generator) > 0.1 for n in names}
+             for arm in ("mft", "random_mask", "magnitude_mask")}
+    run = json.loads((run_dir / "run.json").read_text())
+    for arm, arm_masks in masks.items():
+        save_masks(arm_masks, run_dir / "stages" / f"{arm}.safetensors")
+        run["masks"][arm] = f"stages/{arm}.safetensors"
+    (run_dir / "run.json").write_text(json.dumps(run))
+    written = plot_mask_statistics(load_run(run_dir), tmp_path / "plots")
+    assert sorted(p.name for p in written) == ["masks.png", "masks.svg"]
+    assert all(p.stat().st_size > 0 for p in written)
