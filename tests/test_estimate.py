@@ -1,0 +1,186 @@
+"""Cost estimates: parameter counts, FLOP formulas, MFT < FFT, memory ordering, config reading."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from mft_bench.backbone import tiny_model
+from mft_bench.errors import MftBenchError
+from mft_bench.estimate import (
+    GIB,
+    KNOWN_SHAPES,
+    Estimate,
+    Hardware,
+    ModelShape,
+    cpu_hardware,
+    detect_hardware,
+    estimate_generation,
+    estimate_load,
+    estimate_training,
+    gpu_hardware,
+    shape_for_backbone,
+)
+
+LLAMA2 = KNOWN_SHAPES["meta-llama/Llama-2-7b-hf"]
+SMOL = KNOWN_SHAPES["smollm2-135m"]
+H200 = gpu_hardware("NVIDIA H200", memory_bytes=141 * 10**9)
+CPU2 = cpu_hardware(2)
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("smollm2-135m", 134.515e6), ("meta-llama/Llama-2-7b-hf", 6.738e9), ("meta-llama/Llama-3.1-8B", 8.030e9)],
+)
+def test_known_shapes_match_published_param_counts(name: str, expected: float) -> None:
+    assert shape_for_backbone(name).n_params == pytest.approx(expected, rel=2e-3)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gpt_neox", "gpt2"])
+def test_from_config_counts_exactly_what_the_model_has(arch: str) -> None:
+    model = tiny_model(arch, vocab_size=259)
+    shape = ModelShape.from_config(model.config)
+    assert shape.n_params == sum(p.numel() for p in model.parameters())
+    # The tiny backbones' table entries agree with their configs.
+    assert shape_for_backbone(f"tiny:{arch}") == shape
+
+
+def test_from_config_per_layer_and_linear_counts() -> None:
+    model = tiny_model("llama", vocab_size=259)
+    shape = ModelShape.from_config(model.config)
+    layer = model.model.layers[0]
+    assert shape.params_per_layer == sum(p.numel() for p in layer.parameters())
+    linear = sum(m.weight.numel() for m in layer.modules() if type(m).__name__ == "Linear")
+    assert shape.linear_weights_per_layer == linear
+    assert shape.num_kv_heads == 2 and shape.head_dim == 8
+
+
+def test_from_config_rejects_unreadable_config() -> None:
+    class Bogus:
+        model_type = "mamba"
+
+    with pytest.raises(MftBenchError, match="mamba"):
+        ModelShape.from_config(Bogus())
+
+
+def test_shape_for_backbone_unknown_and_case_insensitive(tmp_path) -> None:
+    assert shape_for_backbone("no-such/model-xyz") is None
+    assert shape_for_backbone("META-LLAMA/llama-2-7b-hf") == LLAMA2
+    tiny_model("qwen2", vocab_size=259).config.save_pretrained(tmp_path)
+    assert shape_for_backbone(str(tmp_path)) == KNOWN_SHAPES["tiny:qwen2"]
+
+
+def test_fft_flops_are_six_n_t_plus_attention() -> None:
+    tokens, seq = 10_000, 2048
+    est = estimate_training(LLAMA2, "fft", tokens, hardware=H200, seq_len=seq)
+    six_nt = 6 * LLAMA2.matmul_params * tokens
+    attention = 12 * LLAMA2.num_layers * LLAMA2.hidden * seq * tokens
+    assert est.flops == pytest.approx(six_nt + attention)
+    # For LLaMA-2-7B, N_matmul excludes only the input embedding.
+    assert LLAMA2.matmul_params == LLAMA2.n_params - LLAMA2.vocab * LLAMA2.hidden - 32 * 2 * 4096 - 4096
+
+
+def test_mft_cheaper_than_fft_and_cheaper_as_band_moves_up() -> None:
+    kw = dict(hardware=H200, dtype_bytes=2, seq_len=2048, micro_batch_tokens=8192)
+    fft = estimate_training(LLAMA2, "fft", 8192, **kw)
+    bands = [range(start, start + 4) for start in (0, 4, 12, 20, 28)]
+    mft = [estimate_training(LLAMA2, "mft", 8192, mask_layers=band, **kw) for band in bands]
+    assert all(m.flops < fft.flops and m.seconds < fft.seconds for m in mft)
+    assert all(a.flops > b.flops and a.seconds > b.seconds for a, b in zip(mft, mft[1:]))
+    # Band 0-3 still skips the weight gradients of 28 layers: about 4N+2N_masked vs 6N.
+    assert mft[0].flops / fft.flops == pytest.approx((4 + 2 * 4 / 32 * 0.98) / 6, rel=0.05)
+
+
+def test_h200_sanity_check_against_measurement() -> None:
+    """Measured on an H200 (LLaMA-2-7B, 4x2048 tokens/step, band 20-23, bf16): MFT/FFT 0.52, 26 vs 63 GiB."""
+    kw = dict(hardware=H200, dtype_bytes=2, seq_len=2048, micro_batch_tokens=8192, gradient_checkpointing=True)
+    fft = estimate_training(LLAMA2, "fft", 8192, **kw)
+    mft = estimate_training(LLAMA2, "mft", 8192, mask_layers=[20, 21, 22, 23], **kw)
+    assert 0.4 < mft.seconds / fft.seconds < 0.6
+    assert 0.5 < (mft.memory_bytes / GIB) / 26 < 2
+    assert 0.5 < (fft.memory_bytes / GIB) / 63 < 2
+    assert fft.memory_bytes < H200.memory_bytes and fft.fits(H200)
+
+
+def test_memory_ordering_and_precision_settings() -> None:
+    kw = dict(hardware=CPU2, micro_batch_tokens=512, seq_len=512)
+    fft = estimate_training(SMOL, "fft", 512, **kw)
+    mft = estimate_training(SMOL, "mft", 512, mask_layers=[20, 21, 22, 23], **kw)
+    lora = estimate_training(SMOL, "lora", 512, lora_r=8, **kw)
+    assert mft.memory_bytes < fft.memory_bytes and lora.memory_bytes < fft.memory_bytes
+    # fp32 FFT keeps 16 bytes per parameter of persistent state.
+    assert fft.detail["weights_bytes"] + fft.detail["state_bytes"] == 16 * SMOL.n_params
+    pure_bf16 = estimate_training(SMOL, "fft", 512, dtype_bytes=2, **kw)
+    mixed = estimate_training(SMOL, "fft", 512, dtype_bytes=2, master_weights=True, **kw)
+    assert pure_bf16.detail["state_bytes"] == 6 * SMOL.n_params
+    assert mixed.detail["state_bytes"] == 14 * SMOL.n_params
+    checkpointed = estimate_training(SMOL, "fft", 512, gradient_checkpointing=True, **kw)
+    assert checkpointed.memory_bytes < fft.memory_bytes and checkpointed.flops > fft.flops
+
+
+def test_lora_flops_between_mft_top_band_and_fft() -> None:
+    kw = dict(hardware=H200, dtype_bytes=2, seq_len=2048)
+    fft = estimate_training(LLAMA2, "fft", 4096, **kw)
+    lora = estimate_training(LLAMA2, "lora", 4096, lora_r=64, **kw)
+    assert 0.6 < lora.flops / fft.flops < 0.75  # ~4N of 6N plus the adapters
+    assert lora.detail["trainable_params"] == 32 * 64 * (2 * 8192 + 2 * 8192 + 3 * (4096 + 11008))
+
+
+def test_training_time_scales_linearly_with_tokens_and_steps_add_overhead() -> None:
+    one = estimate_training(SMOL, "fft", 4096, hardware=CPU2, micro_batch_tokens=4096)
+    four = estimate_training(SMOL, "fft", 4 * 4096, hardware=CPU2, micro_batch_tokens=4096)
+    assert four.seconds == pytest.approx(4 * one.seconds)
+    assert four.memory_bytes == one.memory_bytes  # memory depends on the micro-batch, not the run length
+    fewer_steps = estimate_training(SMOL, "fft", 4 * 4096, hardware=CPU2, micro_batch_tokens=4096,
+                                    tokens_per_step=4 * 4096)
+    assert fewer_steps.seconds < four.seconds and fewer_steps.detail["optimizer_steps"] == 1
+    assert estimate_training(SMOL, "fft", 0, hardware=CPU2).seconds == 0
+
+
+def test_cpu_calibration_reproduces_the_measurements() -> None:
+    # Recorded on the 2-core dev machine: FFT ~30 tokens/s (busy machine), generation 145 tokens/s at batch 32.
+    fft = estimate_training(SMOL, "fft", 4096, hardware=CPU2, micro_batch_tokens=4096, seq_len=512)
+    assert 1.0 < (4096 / fft.seconds) / 30 < 2.0
+    assert CPU2.gen_tokens_per_s(SMOL, batch_size=32, context=64) == pytest.approx(145.0)
+    # Bigger batches are more efficient, more cores are faster (sub-linearly).
+    assert CPU2.gen_tokens_per_s(SMOL, batch_size=1) < CPU2.gen_tokens_per_s(SMOL, batch_size=32)
+    assert cpu_hardware(1).peak_flops < CPU2.peak_flops < cpu_hardware(8).peak_flops < 8 * cpu_hardware(1).peak_flops
+
+
+def test_generation_estimate() -> None:
+    kw = dict(prompt_tokens=64, new_tokens=128, hardware=CPU2)
+    small = estimate_generation(SMOL, sequences=32, batch_size=32, **kw)
+    serial = estimate_generation(SMOL, sequences=32, batch_size=1, **kw)
+    double = estimate_generation(SMOL, sequences=64, batch_size=32, **kw)
+    assert serial.seconds > 3 * small.seconds
+    assert double.seconds == pytest.approx(2 * small.seconds)
+    assert small.memory_bytes > SMOL.n_params * 4
+    # GPU decoding at batch 1 is bandwidth/overhead bound: a 7B model in bf16 gives tens of tokens/s.
+    assert 20 < H200.gen_tokens_per_s(LLAMA2, batch_size=1, dtype_bytes=2) < 200
+
+
+def test_load_estimate() -> None:
+    gguf = estimate_load(SMOL, hardware=CPU2, gguf=True)
+    dense = estimate_load(SMOL, hardware=CPU2)
+    assert 10 < gguf.seconds < 40 and dense.seconds < gguf.seconds
+    assert estimate_load(LLAMA2, hardware=H200, dtype_bytes=2).seconds > dense.seconds
+
+
+def test_bad_inputs_raise_user_errors() -> None:
+    with pytest.raises(MftBenchError, match="mask_layers"):
+        estimate_training(SMOL, "mft", 100, hardware=CPU2)
+    with pytest.raises(MftBenchError, match="outside"):
+        estimate_training(SMOL, "mft", 100, hardware=CPU2, mask_layers=[29, 30])
+    with pytest.raises(MftBenchError, match="unknown training arm"):
+        estimate_training(SMOL, "dpo", 100, hardware=CPU2)
+
+
+def test_hardware_detection_and_gpu_table() -> None:
+    hw = detect_hardware()
+    assert isinstance(hw, Hardware) and hw.peak_flops > 0 and hw.device in ("cpu", "cuda")
+    assert gpu_hardware("NVIDIA H100 PCIe").peak_flops < gpu_hardware("NVIDIA H100 80GB HBM3").peak_flops
+    unknown = gpu_hardware("Some Future GPU")
+    assert unknown.peak_flops < gpu_hardware("NVIDIA A100-SXM4-80GB").peak_flops
+    assert H200.train_flops(4) < H200.train_flops(2)
+    assert dataclasses.is_dataclass(Estimate)
