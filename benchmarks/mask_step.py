@@ -1,0 +1,252 @@
+"""MFT step cost: FFT step vs MFT step (cached exact top-k, mft_bench.masking) vs MFT "official style" (full sort
+of |scores| in every forward, float mask through autograd, no cache), measured side by side in one run.
+
+Each arm runs in its own subprocess on an identically seeded, randomly initialised model of the chosen shape and
+the same token batch, so peak memory is that process's own: peak RSS (``ru_maxrss``) on CPU, with the RSS right
+after the model was built shown for reference; ``torch.cuda.max_memory_allocated`` on CUDA. Step time is the
+median over ``--steps`` timed optimizer steps after ``--warmup`` untimed ones; a step is ``--grad-accum``
+micro-batch forward/backward passes plus ``optimizer.step()`` plus (cached MFT arm) the mask refresh.
+Mask selection per step: the cached arm times its one top-k refresh after each optimizer step; the official arm
+times one full sort of every score matrix and multiplies by the forwards per step (it sorts in each of them).
+The cached arm also writes its mask file and reports bits per masked weight (header included).
+
+    python benchmarks/mask_step.py          # SmolLM2-135M shape, CPU, layers 20-23, 4 micro-batches of 2x128 tokens
+    python benchmarks/mask_step.py --device cuda --shape llama2-7b --batch 4 --seq-len 512 --grad-accum 4
+
+Targets: selection <= 5% of the MFT step; mask file <= 1.01 bits per masked weight.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+ARMS = ("fft", "mft", "mft-official")
+SHAPES = {
+    # SmolLM2-135M: hidden 576, intermediate 1536, 30 layers, 9 heads / 3 kv heads, vocab 49152, tied embeddings
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
+                         max_position_embeddings=8192, rope_theta=100000.0),
+    "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False,
+                      max_position_embeddings=4096),
+}
+
+
+def parse_layers(text: str) -> list[int]:
+    if "-" in text:
+        lo, hi = (int(x) for x in text.split("-"))
+        return list(range(lo, hi + 1))
+    return [int(x) for x in text.split(",")]
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def build_model(shape: str, device: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**SHAPES[shape]), dtype=dtype)
+    return model.train()
+
+
+class _SortSubnet(torch.autograd.Function):
+    """The official code's GetSubnet: full sort of |scores|, float 0/1 mask, gradient passed straight through."""
+
+    @staticmethod
+    def forward(ctx, scores_abs, keep_fraction):
+        out = torch.empty_like(scores_abs)
+        _, idx = scores_abs.flatten().sort()
+        j = int((1 - keep_fraction) * scores_abs.numel())
+        flat = out.view(-1)
+        flat[idx[:j]] = 0
+        flat[idx[j:]] = 1
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+def make_official_style(model) -> None:
+    """Swap every wrapper's forward for the official composition: sort in each forward, W * float mask, linear."""
+    from mft_bench.masking.masked_linear import MaskedLinear, wrappers
+
+    class OfficialStyleMaskedLinear(MaskedLinear):
+        def forward(self, x):
+            mask = _SortSubnet.apply(self.scores.abs(), 1.0 - self.mask_ratio)
+            return F.linear(x, self.weight * mask.to(self.weight.dtype), self.bias)
+
+    for wrapper in wrappers(model).values():
+        wrapper.__class__ = OfficialStyleMaskedLinear
+
+
+def time_official_sorts(model, device: str) -> float:
+    from mft_bench.masking.masked_linear import wrappers
+
+    with torch.no_grad():
+        sync(device)
+        start = time.perf_counter()
+        for w in wrappers(model).values():
+            _SortSubnet.apply(w.scores.abs(), 1.0 - w.mask_ratio)
+        sync(device)
+    return time.perf_counter() - start
+
+
+def run_arm(args) -> dict:
+    """One arm in this process; returns its measurements."""
+    from mft_bench.masking import MaskSpec, attach_masks, current_masks, mask_parameters, refresh_masks, save_masks
+    from mft_bench.masking.mask_io import base_weights_hash, bits_per_weight
+
+    device = args.device
+    dtype = getattr(torch, args.dtype)
+    model = build_model(args.shape, device, dtype)
+    result: dict = {"arm": args.arm}
+    if args.arm == "fft":
+        params = [p for p in model.parameters() if p.requires_grad]
+    else:
+        names = attach_masks(model, MaskSpec(layers=parse_layers(args.layers), mask_ratio=args.mask_ratio))
+        params = mask_parameters(model)
+        result["masked_modules"] = len(names)
+        result["masked_weights"] = sum(p.numel() for p in params)
+        if args.arm == "mft-official":
+            make_official_style(model)
+    result["trainable"] = sum(p.numel() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=2e-5, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, SHAPES[args.shape]["vocab_size"], (args.batch, args.seq_len), generator=generator)
+               .to(device) for _ in range(args.grad_accum)]
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        result["mem_after_build_mb"] = torch.cuda.memory_allocated() / 2**20
+    else:
+        result["mem_after_build_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    step_times, selection_times = [], []
+    for step in range(args.warmup + args.steps):
+        sync(device)
+        start = time.perf_counter()
+        for ids in batches:
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss / len(batches)
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        selection = 0.0
+        if args.arm == "mft":  # the one top-k per optimizer step, timed on its own
+            sync(device)
+            t0 = time.perf_counter()
+            refresh_masks(model)
+            sync(device)
+            selection = time.perf_counter() - t0
+        sync(device)
+        if step >= args.warmup:
+            step_times.append(time.perf_counter() - start)
+            selection_times.append(selection)
+    result["step_s"] = statistics.median(step_times)
+    result["step_times"] = step_times
+    if args.arm == "mft":
+        result["selection_s"] = statistics.median(selection_times)
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            base_weights_hash(model, list(current_masks(model)))
+            result["hash_s"] = time.perf_counter() - t0
+            path = save_masks(current_masks(model), os.path.join(tmp, "mask.safetensors"), base_model=model)
+            result["bits_per_weight"] = bits_per_weight(path)
+            result["mask_file_bytes"] = os.path.getsize(path)
+    elif args.arm == "mft-official":
+        result["selection_s"] = statistics.median(time_official_sorts(model, device) for _ in range(2)) * len(batches)
+    if device == "cuda":
+        result["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        result["peak_mem_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def child_command(args, arm: str) -> list[str]:
+    argv = [sys.executable, os.path.abspath(__file__), "--arm", arm]
+    for key in ("shape", "device", "dtype", "layers", "batch", "seq_len", "grad_accum", "steps", "warmup",
+                "mask_ratio"):
+        argv += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    return argv
+
+
+def print_table(args, results: list[dict]) -> None:
+    fft = next((r for r in results if r["arm"] == "fft"), None)
+    mem_kind = "peak CUDA alloc" if args.device == "cuda" else "peak RSS"
+    print(f"\nshape {args.shape}, device {args.device}, {args.dtype}, layers {args.layers}, "
+          f"batch {args.batch}x{args.seq_len} x{args.grad_accum} micro-batches, "
+          f"median of {args.steps} steps after {args.warmup} warm-up, threads {torch.get_num_threads()}")
+    print(f"{'arm':<14}{'step s':>9}{'x FFT':>8}{'select ms':>11}{'select %':>10}"
+          f"{mem_kind + ' MB':>20}{'x FFT':>8}{'after build MB':>16}")
+    for r in results:
+        ratio = f"{r['step_s'] / fft['step_s']:.2f}" if fft else "-"
+        mem_ratio = f"{r['peak_mem_mb'] / fft['peak_mem_mb']:.2f}" if fft else "-"
+        sel = r.get("selection_s")
+        sel_ms = f"{sel * 1000:.1f}" if sel is not None else "-"
+        share = f"{100 * sel / r['step_s']:.1f}" if sel is not None else "-"
+        print(f"{r['arm']:<14}{r['step_s']:>9.3f}{ratio:>8}{sel_ms:>11}{share:>10}"
+              f"{r['peak_mem_mb']:>20.0f}{mem_ratio:>8}{r['mem_after_build_mb']:>16.0f}")
+    mft = next((r for r in results if r["arm"] == "mft"), None)
+    if mft:
+        print(f"\nmasked: {mft['masked_modules']} matrices, {mft['masked_weights']:,} weights; mask file "
+              f"{mft['mask_file_bytes']:,} bytes = {mft['bits_per_weight']:.4f} bits per masked weight "
+              f"(target <= 1.01; the official float mask costs 32); base hash {mft['hash_s'] * 1000:.0f} ms")
+        share = 100 * mft["selection_s"] / mft["step_s"]
+        print(f"selection share of the MFT step: {share:.1f}% (target <= 5%: {'met' if share <= 5 else 'NOT met'})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-135m")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--dtype", default=None, help="model dtype (default float32 on cpu, bfloat16 on cuda)")
+    parser.add_argument("--layers", default="20-23", help="band, e.g. 20-23 or 4,5,6,7")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=128)
+    # 4 micro-batches: selection is per optimizer step, the paper accumulates to 128 sequences per step
+    parser.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
+    parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--mask-ratio", type=float, default=0.1)
+    parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--json", default=None, help="also write all measurements to this file")
+    parser.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)  # internal: run one arm, print JSON
+    args = parser.parse_args()
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+
+    if args.arm:
+        print(json.dumps(run_arm(args)))
+        return
+    results = []
+    for arm in args.arms.split(","):
+        print(f"running arm {arm} ...", file=sys.stderr, flush=True)
+        proc = subprocess.run(child_command(args, arm), capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.stderr.write(proc.stderr)
+            raise SystemExit(f"arm {arm} failed (exit {proc.returncode})")
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    print_table(args, results)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
