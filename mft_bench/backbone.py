@@ -121,6 +121,11 @@ def load_backbone(name: str, *, gguf_file: str | None = None, dtype: str = "floa
     except (OSError, ValueError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MftBenchError(f"backbone '{name}' could not be loaded: {first_line}") from exc
+    if gguf_file:
+        # transformers dequantizes GGUF to float but keeps a "quantizer" that blocks training and saving.
+        from mft_bench.train.trainer import release_gguf_quantizer
+
+        release_gguf_quantizer(model, "backbone")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not getattr(tokenizer, "chat_template", None):

@@ -1,0 +1,104 @@
+"""Trainer callbacks of the arms: evaluable exports at each interval and at the end.
+
+Trainer's own ``checkpoint-N`` folders exist to resume and are pruned; what evaluation reads is the export
+written here: a dense HF folder (fft, lora merged) or a bit-packed mask file (mft), one per interval step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Protocol
+
+from transformers import Trainer, TrainerCallback
+
+logger = logging.getLogger(__name__)
+
+
+class Exporter(Protocol):
+    """How one arm writes its evaluable state for a step."""
+
+    def path(self, step: int) -> Path:
+        """Final location of the export of ``step`` (a folder or a file)."""
+
+    def write(self, trainer: Trainer, target: Path) -> None:
+        """Write the export to ``target``. Called on every rank (collective saves); rank-0-only work inside."""
+
+
+class ExportCallback(TrainerCallback):
+    """Exports at every ``interval_steps``-th optimizer step and at the last one, right after Trainer saved.
+
+    Exports are written to a temporary name and renamed, so a kill never leaves a half-written export. A kill
+    between Trainer's checkpoint and the export is repaired on resume: the resumed weights are that step's.
+    """
+
+    def __init__(self, exporter: Exporter, interval_steps: int | None) -> None:
+        self.exporter = exporter
+        self.interval_steps = interval_steps
+        self.trainer: Trainer | None = None
+
+    def bind(self, trainer: Trainer) -> ExportCallback:
+        self.trainer = trainer  # collective saves (ZeRO-3, FSDP) go through the Trainer
+        return self
+
+    def is_due(self, step: int, max_steps: int) -> bool:
+        at_interval = self.interval_steps is not None and step % self.interval_steps == 0
+        return step > 0 and (at_interval or step >= max_steps)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.is_due(state.global_step, state.max_steps):  # only true when resuming
+            self._export(state.global_step)
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.is_due(state.global_step, state.max_steps):
+            self._export(state.global_step)
+
+    def _export(self, step: int) -> None:
+        if self.trainer is None:
+            raise RuntimeError("ExportCallback.bind(trainer) was not called")
+        target = self.exporter.path(step)
+        if target.exists():  # an export is never overwritten
+            return
+        tmp = target.with_name(f".tmp-{target.name}")
+        accelerator = self.trainer.accelerator
+        if accelerator.is_main_process:
+            _remove(tmp)  # a leftover of a killed run
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+        accelerator.wait_for_everyone()
+        self.exporter.write(self.trainer, tmp)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            os.replace(tmp, target)
+            logger.info("exported step %d to %s", step, target)
+        accelerator.wait_for_everyone()
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+class MaskRefreshCallback(TrainerCallback):
+    """Marks every mask stale after each optimizer step (and after a resume loaded the scores).
+
+    The masking wrappers cache the top-k under the scores' version counter, but fused optimizers (torch's
+    default ``adamw_torch_fused``, DeepSpeed's) update parameters without bumping it: without this the masks
+    would silently never change. Selection still runs once per optimizer step, at the next forward.
+    """
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._invalidate(model)
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self._invalidate(model)
+
+    @staticmethod
+    def _invalidate(model) -> None:
+        from mft_bench.masking import invalidate_masks
+
+        if model is not None:
+            invalidate_masks(model)

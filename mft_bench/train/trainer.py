@@ -1,0 +1,247 @@
+"""Glue shared by the arms: TrainingArguments from a TrainConfig, step schedule, resume, Trainer run, results.
+
+Everything distributed (DDP, DeepSpeed ZeRO-2/3, FSDP) comes from ``transformers.Trainer`` and accelerate: launched
+with ``accelerate launch --config_file tasks/accelerate/<config>.yaml ...`` the Trainer picks the plugin up.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import has_length
+
+from mft_bench.errors import MftBenchError
+from mft_bench.train.callbacks import ExportCallback, Exporter
+from mft_bench.train.config import TrainConfig
+from mft_bench.train.sampling import EpochSeededLengthGroupedSampler, sequence_lengths
+
+logger = logging.getLogger(__name__)
+
+MODEL_COLUMNS = ("input_ids", "attention_mask", "labels")
+# Trainer checkpoints only serve resuming (evaluation reads the exports), so only the newest are kept; two, so
+# that a kill while writing the newest still leaves a complete one.
+RESUME_CHECKPOINTS_KEPT = 2
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+class ArmTrainer(Trainer):
+    """Trainer whose length-grouped data order is a pure function of (seed, epoch), so resumes replay it exactly."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy != "group_by_length" or dataset is None or not has_length(dataset):
+            return super()._get_train_sampler(train_dataset)
+        batch_size = self.args.train_batch_size * self.args.gradient_accumulation_steps
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return EpochSeededLengthGroupedSampler(sequence_lengths(dataset), batch_size, seed)
+
+
+def release_gguf_quantizer(model, arm: str, *, allow_quantized: bool = False) -> None:
+    """Make a GGUF-loaded backbone trainable and saveable.
+
+    transformers dequantizes GGUF weights to float on load but keeps a GGUF "quantizer" on the model, and with it
+    Trainer refuses full fine-tuning and ``save_pretrained`` refuses to write. The weights are already dense, so
+    the quantizer is dropped. Other quantization methods really are quantized: only LoRA may train on them.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return
+    method = str(getattr(quantizer.quantization_config, "quant_method", "unknown")).lower()
+    if method.endswith("gguf"):
+        logger.info("dropping the GGUF quantizer of a dequantized backbone so that it can train and be saved")
+        quantizer.remove_quantization_config(model)
+    elif not allow_quantized:
+        raise MftBenchError(
+            f"the {arm} arm needs full-precision weights, but the backbone is quantized ({method}); load it in "
+            "float32/bfloat16"
+        )
+
+
+def sharded_weights_backend() -> str | None:
+    """``"FSDP"`` or ``"DeepSpeed ZeRO-3"`` when this process was launched to shard the weights, else None."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return "FSDP"
+    if (os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+            and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"):
+        return "DeepSpeed ZeRO-3"
+    return None
+
+
+def require_replicated_weights(arm: str) -> None:
+    """MFT's masks and LoRA's merged exports read whole weights on rank 0; sharded launches cannot serve them."""
+    backend = sharded_weights_backend()
+    if backend is not None:
+        raise MftBenchError(
+            f"the {arm} arm needs whole weights on every process, but this run shards them ({backend}); launch "
+            "it with tasks/accelerate/multi_gpu.yaml or tasks/accelerate/deepspeed_zero2.yaml (FFT alone may shard)"
+        )
+
+
+def updates_per_epoch(num_examples: int, per_device_batch_size: int, grad_accum: int, world_size: int) -> int:
+    """Optimizer steps per epoch, as Trainer counts them (accelerate gives every rank ceil(batches / world))."""
+    batches = math.ceil(num_examples / per_device_batch_size)
+    per_rank = math.ceil(batches / world_size)
+    return max(math.ceil(per_rank / grad_accum), 1)
+
+
+def interval_steps(save_every: float | None, steps_per_epoch: int) -> int | None:
+    """Optimizer steps between exports for ``save_every`` (a fraction of an epoch); None = final only."""
+    if save_every is None:
+        return None
+    return max(round(save_every * steps_per_epoch), 1)
+
+
+def total_steps(config: TrainConfig, steps_per_epoch: int) -> int:
+    return config.max_steps if config.max_steps > 0 else math.ceil(config.epochs * steps_per_epoch)
+
+
+def save_steps(export_interval: int | None, resume_every: int | None, max_steps: int) -> int:
+    """Trainer's save interval: every export step and every resume step must be a save step."""
+    candidates = [s for s in (export_interval, resume_every) if s is not None]
+    if not candidates:
+        return max_steps  # the final save only
+    return math.gcd(*candidates)
+
+
+def last_checkpoint(output_dir: Path) -> Path | None:
+    """Newest complete Trainer checkpoint (``trainer_state.json`` is written last), or None."""
+    if not output_dir.is_dir():
+        return None
+    found = []
+    for child in output_dir.iterdir():
+        match = _CHECKPOINT_RE.match(child.name)
+        if match and (child / "trainer_state.json").is_file():
+            found.append((int(match.group(1)), child))
+    return max(found)[1] if found else None
+
+
+def training_arguments(
+    config: TrainConfig,
+    output_dir: Path,
+    *,
+    has_eval: bool,
+    weight_decay: float | None = None,
+    activation_checkpointing: bool | None = None,
+) -> TrainingArguments:
+    """TrainingArguments for one arm; save/eval steps are filled in by ``run_arm`` once the data size is known."""
+    checkpointing = config.gradient_checkpointing if activation_checkpointing is None else activation_checkpointing
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        weight_decay=config.weight_decay if weight_decay is None else weight_decay,
+        per_device_train_batch_size=config.per_device_batch_size,
+        per_device_eval_batch_size=config.per_device_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        max_grad_norm=config.max_grad_norm,
+        bf16=config.bf16,
+        # non-reentrant: reentrant checkpointing drops the gradient of a block whose inputs need none (frozen
+        # lower layers), see DESIGN.md
+        activation_checkpointing=checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
+        logging_strategy="steps",
+        logging_steps=config.logging_steps,
+        eval_strategy="steps" if has_eval else "no",
+        prediction_loss_only=True,  # validation loss only: never gather vocabulary-sized logits
+        save_strategy="steps",
+        save_total_limit=RESUME_CHECKPOINTS_KEPT,
+        seed=config.seed,
+        data_seed=config.seed,
+        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
+        remove_unused_columns=False,
+        ddp_find_unused_parameters=False,  # every trainable tensor (weights, scores, adapters) is used each step
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinning without an accelerator only warns
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",
+        # without it a CPU-only torchrun/accelerate launch initialises gloo but trains each rank alone
+        use_cpu=not has_accelerator(),
+    )
+
+
+def has_accelerator() -> bool:
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
+
+
+def model_columns(dataset):
+    """Keep only what the model and collator take (chat-formatting leftovers would break padding)."""
+    if hasattr(dataset, "column_names") and hasattr(dataset, "select_columns"):
+        missing = {"input_ids", "labels"} - set(dataset.column_names)
+        if missing:
+            raise MftBenchError(
+                f"training data lacks column(s) {sorted(missing)}; tokenize it with mft_bench.data.tokenize_conversations"
+            )
+        return dataset.select_columns([c for c in MODEL_COLUMNS if c in dataset.column_names])
+    return dataset
+
+
+def run_arm(
+    *,
+    model,
+    tokenizer,
+    train_dataset,
+    eval_dataset,
+    config: TrainConfig,
+    output_dir: Path,
+    exporter: Exporter,
+    args: TrainingArguments,
+    trainer_cls: type[Trainer] = ArmTrainer,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> Trainer:
+    """Train (resuming from the newest checkpoint in ``output_dir`` if any) and return the finished Trainer."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    train_dataset = model_columns(train_dataset)
+    eval_dataset = model_columns(eval_dataset) if eval_dataset is not None else None
+    if not has_length(train_dataset) and config.max_steps <= 0:
+        raise MftBenchError("train.max_steps must be set when the training data has no length (streaming)")
+    if has_length(train_dataset) and len(train_dataset) == 0:
+        raise MftBenchError("the training data is empty")
+
+    steps_per_epoch = (
+        updates_per_epoch(len(train_dataset), config.per_device_batch_size, config.gradient_accumulation_steps,
+                          args.world_size)
+        if has_length(train_dataset) else config.max_steps
+    )
+    max_steps = total_steps(config, steps_per_epoch)
+    export_interval = interval_steps(config.save_every, steps_per_epoch)
+    args.save_steps = save_steps(export_interval, config.resume_every_steps, max_steps)
+    args.eval_steps = export_interval or max_steps
+    logger.info("%d optimizer steps (%d per epoch), exports every %s, Trainer saves every %d",
+                max_steps, steps_per_epoch, export_interval or "end", args.save_steps)
+
+    export_callback = ExportCallback(exporter, export_interval)
+    trainer = trainer_cls(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        callbacks=[*callbacks, export_callback],  # arm callbacks (mask refresh) run before the export
+    )
+    export_callback.bind(trainer)
+    resume = last_checkpoint(output_dir)
+    if resume is not None:
+        logger.info("resuming from %s", resume)
+    trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    trainer.accelerator.wait_for_everyone()
+    return trainer
+
+
+def collect_exports(trainer: Trainer, exporter: Exporter) -> tuple[list[tuple[int, Path]], dict[int, float]]:
+    """(step, export path) of every export that exists, and the validation loss logged at those steps."""
+    eval_loss = {int(e["step"]): float(e["eval_loss"]) for e in trainer.state.log_history if "eval_loss" in e}
+    steps = range(1, trainer.state.global_step + 1)
+    checkpoints = [(s, exporter.path(s)) for s in steps if exporter.path(s).exists()]
+    validation = {s: eval_loss[s] for s, _ in checkpoints if s in eval_loss}
+    return checkpoints, validation

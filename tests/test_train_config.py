@@ -1,0 +1,137 @@
+"""Training-arm plumbing without training: config validation, step schedule, resume lookup, data order, configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mft_bench.errors import MftBenchError
+from mft_bench.train import LoraSettings, TrainConfig
+from mft_bench.train.lora import SEVEN_PROJECTIONS, default_target_modules
+from mft_bench.train.sampling import EpochSeededLengthGroupedSampler
+from mft_bench.train.trainer import (
+    interval_steps,
+    last_checkpoint,
+    require_replicated_weights,
+    save_steps,
+    training_arguments,
+    updates_per_epoch,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_the_papers():
+    c = TrainConfig()
+    assert (c.learning_rate, c.lr_scheduler, c.warmup_ratio, c.weight_decay, c.epochs) == (2e-5, "linear", 0.03, 0.0, 2.0)
+    assert c.per_device_batch_size * c.gradient_accumulation_steps == 128
+    lora = LoraSettings()
+    assert (lora.r, lora.alpha, lora.dropout, lora.target_modules) == (64, 16, 0.1, None)
+
+
+@pytest.mark.parametrize("bad", [dict(warmup_ratio=1.5), dict(save_every=0.0), dict(lr_scheduler="nope"),
+                                 dict(max_steps=0), dict(per_device_batch_size=0), dict(learning_rate=-1.0)])
+def test_bad_config_names_the_field(bad):
+    field = next(iter(bad))
+    with pytest.raises(MftBenchError, match=field):
+        TrainConfig(**bad)
+
+
+def test_step_schedule_matches_trainer_counting():
+    assert updates_per_epoch(24, 4, 2, 1) == 3  # 6 batches / 2
+    assert updates_per_epoch(25, 4, 2, 1) == 4  # 7 batches -> last step takes one
+    assert updates_per_epoch(24, 4, 2, 2) == 2  # 6 batches over 2 ranks: 3 each -> 2 steps
+    assert updates_per_epoch(3, 4, 32, 1) == 1
+    assert interval_steps(1 / 3, 9) == 3 and interval_steps(None, 9) is None and interval_steps(0.01, 9) == 1
+    assert save_steps(6, 4, 100) == 2 and save_steps(None, None, 100) == 100 and save_steps(3, None, 100) == 3
+
+
+def test_last_checkpoint_skips_incomplete(tmp_path):
+    assert last_checkpoint(tmp_path / "missing") is None
+    for step in (2, 4, 10):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    (tmp_path / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    # checkpoint-10 was being written when the process died: no trainer_state.json yet
+    assert last_checkpoint(tmp_path) == tmp_path / "checkpoint-4"
+
+
+def test_length_grouped_order_depends_only_on_seed_and_epoch():
+    lengths = [5, 40, 7, 33, 12, 9, 28, 3, 17, 21, 30, 2] * 4
+    a = EpochSeededLengthGroupedSampler(lengths, batch_size=4, seed=0)
+    b = EpochSeededLengthGroupedSampler(lengths, batch_size=4, seed=0)
+    first = list(a)
+    list(b)  # consuming b (or any global RNG) must not change a later epoch's order
+    a.set_epoch(1), b.set_epoch(1)
+    assert list(a) == list(b) != first
+    assert sorted(first) == list(range(len(lengths)))
+    a.set_epoch(0)
+    assert list(a) == first
+
+
+def test_training_arguments_carry_the_config(tmp_path):
+    config = TrainConfig(gradient_checkpointing=True, weight_decay=0.1, group_by_length=False, warmup_ratio=0.03)
+    args = training_arguments(config, tmp_path, has_eval=True)
+    assert args.warmup_steps == 0.03 and args.weight_decay == 0.1 and args.train_sampling_strategy == "random"
+    assert args.activation_checkpointing and args.activation_checkpointing_kwargs == {"use_reentrant": False}
+    assert args.eval_strategy == "steps" and args.report_to in ("none", ["none"], [])
+    assert args.remove_unused_columns is False and args.prediction_loss_only
+    mft_args = training_arguments(config, tmp_path, has_eval=False, weight_decay=0.0, activation_checkpointing=False)
+    assert mft_args.weight_decay == 0.0 and not mft_args.activation_checkpointing and mft_args.eval_strategy == "no"
+
+
+@pytest.mark.parametrize("name,kind", [("multi_gpu", "MULTI_GPU"), ("deepspeed_zero2", "DEEPSPEED"),
+                                       ("deepspeed_zero3", "DEEPSPEED"), ("fsdp", "FSDP")])
+def test_shipped_accelerate_configs_load(name, kind):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    path = ROOT / "tasks" / "accelerate" / f"{name}.yaml"
+    config = load_config_from_file(str(path))
+    assert config.distributed_type.value == kind
+    raw = yaml.safe_load(path.read_text())
+    # batch/accumulation/clipping are the recipe's: pinned here they could disagree with TrainingArguments
+    assert "gradient_accumulation_steps" not in raw.get("deepspeed_config", {})
+    assert raw["mixed_precision"] == "no"
+    if name.startswith("deepspeed"):
+        assert raw["deepspeed_config"]["zero_stage"] == int(name[-1])
+
+
+def test_sharded_launch_refuses_mft_and_lora(monkeypatch):
+    require_replicated_weights("mft")  # plain process: fine
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    require_replicated_weights("mft")  # ZeRO-2 replicates weights
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    with pytest.raises(MftBenchError, match="ZeRO-3"):
+        require_replicated_weights("mft")
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(MftBenchError, match="FSDP"):
+        require_replicated_weights("lora")
+
+
+def test_lora_targets_the_seven_projections_when_present():
+    from mft_bench.backbone import tiny_model
+
+    assert default_target_modules(tiny_model("llama", num_layers=1)) == list(SEVEN_PROJECTIONS)
+    assert default_target_modules(tiny_model("gpt2", num_layers=1)) == "all-linear"
+
+
+def test_gguf_quantizer_released_other_quantization_refused():
+    from types import SimpleNamespace
+
+    from mft_bench.backbone import tiny_model
+    from mft_bench.train.trainer import release_gguf_quantizer
+
+    removed = []
+    model = tiny_model("llama", num_layers=1)
+    model.hf_quantizer = SimpleNamespace(quantization_config=SimpleNamespace(quant_method="gguf"),
+                                         remove_quantization_config=removed.append)
+    release_gguf_quantizer(model, "fft")
+    assert removed == [model]  # dense already: the quantizer is dropped
+    model.hf_quantizer = SimpleNamespace(quantization_config=SimpleNamespace(quant_method="bitsandbytes"))
+    with pytest.raises(MftBenchError, match="quantized"):
+        release_gguf_quantizer(model, "mft")
+    release_gguf_quantizer(model, "lora", allow_quantized=True)  # QLoRA-style training stays possible

@@ -1,0 +1,85 @@
+"""FFT arm on a tiny llama: interval exports, validation loss, seeded reproducibility, kill-and-resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from train_helpers import StepRecorder, SimulatedKill, fast_config, kill_after, losses, state_hash, tiny_dataset, tiny_setup, weights
+
+from mft_bench.train import train_fft
+
+# 24 rows, 4 per batch, 2 accumulation steps: 3 optimizer steps per epoch, 6 in all; exports every 2/3 epoch.
+CONFIG = dict(save_every=2 / 3)
+
+
+def _run(out, callbacks=()):
+    model, tokenizer = tiny_setup()
+    return train_fft(model, tokenizer, tiny_dataset(24), tiny_dataset(8, seed=1), fast_config(**CONFIG), out,
+                     callbacks=callbacks)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("fft")
+    straight = _run(base / "straight")
+    with pytest.raises(SimulatedKill):
+        _run(base / "resumed", callbacks=[kill_after(5)])  # step 5 is lost: the last checkpoint is step 4
+    recorder = StepRecorder()
+    resumed = _run(base / "resumed", callbacks=[recorder])
+    assert recorder.steps == [5, 6]  # resumed from checkpoint-4, mid-epoch (not a fresh run)
+    return base, straight, resumed
+
+
+def test_exports_at_each_interval_and_the_end(runs):
+    base, straight, _ = runs
+    assert [s for s, _ in straight.checkpoints] == [2, 4, 6]
+    assert set(straight.validation_loss) == {2, 4, 6}
+    assert all(torch.isfinite(torch.tensor(v)) for v in straight.validation_loss.values())
+    for step, folder in straight.checkpoints:
+        assert folder == base / "straight" / "exports" / f"step-{step}"
+        assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
+        assert (folder / "tokenizer.json").is_file() and not (folder / "training_args.bin").exists()
+    # Trainer's resume checkpoints are pruned; the exports are what evaluation reads
+    assert len(list((base / "straight").glob("checkpoint-*"))) <= 2
+
+
+def test_final_export_is_the_trained_model(runs):
+    from transformers import AutoModelForCausalLM
+
+    _, straight, _ = runs
+    loaded = AutoModelForCausalLM.from_pretrained(straight.checkpoints[-1][1])
+    assert state_hash(weights(loaded)) == state_hash(weights(straight.model))
+    initial, _ = tiny_setup()
+    changed = [k for k, v in weights(initial).items() if not torch.equal(v, weights(straight.model)[k])]
+    assert "model.embed_tokens.weight" in changed and "model.layers.0.self_attn.q_proj.weight" in changed
+
+
+def test_loss_logged_every_step_and_finite(runs):
+    _, straight, _ = runs
+    curve = losses(straight.log_history)
+    assert [s for s, _ in curve] == [1, 2, 3, 4, 5, 6]
+    assert all(torch.isfinite(torch.tensor(v)) for _, v in curve)
+
+
+def test_killed_run_resumes_to_identical_weights_and_curve(runs):
+    base, straight, resumed = runs
+    assert losses(resumed.log_history) == losses(straight.log_history)
+    assert resumed.validation_loss == straight.validation_loss
+    assert state_hash(weights(resumed.model)) == state_hash(weights(straight.model))
+    from safetensors.torch import load_file
+
+    for (s1, f1), (s2, f2) in zip(straight.checkpoints, resumed.checkpoints, strict=True):
+        assert s1 == s2 and state_hash(load_file(f1 / "model.safetensors")) == state_hash(load_file(f2 / "model.safetensors"))
+
+
+def test_gradient_checkpointing_gives_the_same_training(tmp_path):
+    model_a, tokenizer = tiny_setup()
+    model_b, _ = tiny_setup()
+    config = dict(max_steps=2, group_by_length=False)
+    plain = train_fft(model_a, tokenizer, tiny_dataset(16), None, fast_config(**config), tmp_path / "plain")
+    checkpointed = train_fft(model_b, tokenizer, tiny_dataset(16), None,
+                             fast_config(gradient_checkpointing=True, **config), tmp_path / "gc")
+    assert checkpointed.model.is_activation_checkpointing
+    after_plain, after_gc = weights(plain.model), weights(checkpointed.model)
+    for name, value in after_plain.items():
+        torch.testing.assert_close(after_gc[name], value, rtol=0, atol=1e-6)
