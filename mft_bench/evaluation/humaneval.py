@@ -216,7 +216,8 @@ class HumanEval:
         return {
             "extracted": extracted[0] if extracted else None,
             "scores": scores,
-            "results": [{"status": r.status, "detail": r.detail, "duration": round(r.duration, 4)}
+            # no wall time here: records must be byte-identical between two runs of the same seed
+            "results": [{"status": r.status, "detail": r.detail}
                         for r in results],
             "isolation": results[0].isolation if results else sandbox.isolation_level(),
         }

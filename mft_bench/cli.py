@@ -1,0 +1,240 @@
+"""``mft-bench``: parse, call, print, exit. Exit codes: 0 ok, 1 regression or failed run, 2 bad input."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from mft_bench.errors import MftBenchError
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+PAPER_BACKBONES = ("llama2-7b", "llama3.1-8b")
+PAPER_DOMAINS = ("math", "coding", "instruction")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but bad command lines exit 2 with one line (argparse's own code is 2 too)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"mft-bench: error: {message}\n")
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
+def tasks_dir() -> Path:
+    """``tasks/`` of the checkout (next to the package), else of the current folder."""
+    here = Path(__file__).resolve().parent.parent / "tasks"
+    return here if here.is_dir() else Path("tasks")
+
+
+def resolve_recipe(arg: str) -> Path:
+    """A recipe path, or a recipe name under tasks/ (``default``, ``paper/llama2-7b-math``)."""
+    path = Path(arg)
+    if path.is_file():
+        return path
+    for candidate in (tasks_dir() / arg, tasks_dir() / f"{arg}.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise MftBenchError(f"recipe not found: {arg} (give a YAML path or a name from 'mft-bench list')")
+
+
+def _split_overrides(values: list[str]) -> list[str]:
+    for value in values:
+        if "=" not in value:
+            raise MftBenchError(f"unexpected argument '{value}': overrides look like KEY=VALUE")
+    return values
+
+
+def _load(args) -> "object":
+    from mft_bench.recipe import load_recipe
+
+    return load_recipe(resolve_recipe(args.recipe), _split_overrides(args.overrides))
+
+
+def _run_dir(recipe, out: str | None) -> Path:
+    from mft_bench.pipeline import default_run_dir
+
+    return Path(out) if out else default_run_dir(recipe)
+
+
+def _progress(stage, status: str) -> None:
+    if status != "done":
+        print(f"[{status:>7}] {stage.name}", file=sys.stderr, flush=True)
+
+
+def cmd_run(args) -> int:
+    from mft_bench.pipeline import run_recipe
+
+    recipe = _load(args)
+    run_dir = _run_dir(recipe, args.out)
+    report = run_recipe(recipe, run_dir, force=args.force, progress=_progress)
+    table = run_dir / "report.md"
+    if table.is_file():
+        print(table.read_text())
+    print(f"run folder: {run_dir}")
+    return EXIT_OK if report.get("rows") else EXIT_FAILED
+
+
+def cmd_plan(args) -> int:
+    from mft_bench.plan_view import render_plan
+
+    recipe = _load(args)
+    print(render_plan(recipe, _run_dir(recipe, args.out)))
+    return EXIT_OK
+
+
+def paper_recipes(backbone: str) -> list[Path]:
+    return [tasks_dir() / "paper" / f"{backbone}-{domain}.yaml" for domain in PAPER_DOMAINS]
+
+
+def cmd_reproduce(args) -> int:
+    from mft_bench.recipe import load_recipe
+
+    if args.target != "paper":
+        raise MftBenchError(f"reproduce: unknown target '{args.target}' (only 'paper')")
+    recipes = [load_recipe(path) for path in paper_recipes(args.backbone)]
+    out = Path(args.out or "runs/paper")
+    if args.dry_run:
+        from mft_bench.plan_view import render_plan
+
+        for recipe in recipes:
+            print(render_plan(recipe, out / recipe.name))
+        return EXIT_OK
+    from mft_bench.pipeline import run_recipe
+    from mft_bench.report import paper_table
+
+    run_dirs = []
+    for recipe in recipes:
+        run_recipe(recipe, out / recipe.name, progress=_progress)
+        run_dirs.append(out / recipe.name)
+    for path in paper_table(run_dirs, out):
+        if path.suffix == ".md":
+            print(path.read_text())
+    return EXIT_OK
+
+
+def cmd_report(args) -> int:
+    from mft_bench.report import build_report, paper_table, write_report
+
+    run_dirs = [Path(d) for d in args.run_dirs]
+    for run_dir in run_dirs:
+        if not (run_dir / "run.json").is_file():
+            raise MftBenchError(f"{run_dir}: not a run folder (no run.json); run a recipe first")
+    for run_dir in run_dirs:
+        write_report(build_report(run_dir), run_dir)
+        print((run_dir / "report.md").read_text())
+    if len(run_dirs) > 1:
+        out = Path(args.out or run_dirs[0].parent)
+        for path in paper_table(run_dirs, out):
+            if path.suffix == ".md":
+                print(path.read_text())
+    return EXIT_OK
+
+
+def cmd_check(args) -> int:
+    from mft_bench.report import check_against_reference, write_reference
+
+    report_path = Path(args.run_dir) / "report.json"
+    if not report_path.is_file():
+        raise MftBenchError(f"{args.run_dir}: no report.json; run the recipe (or 'mft-bench report') first")
+    report = json.loads(report_path.read_text())
+    reference_path = Path(args.reference)
+    if args.update:
+        write_reference(report, reference_path, tolerance=args.tolerance)
+        print(f"reference written: {reference_path}")
+        return EXIT_OK
+    if not reference_path.is_file():
+        raise MftBenchError(f"reference file not found: {reference_path} (create one with --update)")
+    try:
+        reference = json.loads(reference_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise MftBenchError(f"{reference_path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    failures = check_against_reference(report, reference)
+    for line in failures:
+        print(f"REGRESSION {line}")
+    if failures:
+        return EXIT_FAILED
+    print(f"ok: {len(reference.get('metrics', []))} metrics within tolerance of {reference_path}")
+    return EXIT_OK
+
+
+def cmd_list(args) -> int:
+    import yaml
+
+    root = tasks_dir()
+    for path in sorted(root.rglob("*.yaml")):
+        if "accelerate" in path.parts or "lm_eval" in path.parts:
+            continue
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError:
+            data = {}
+        name = str(path.relative_to(root).with_suffix(""))
+        description = str(data.get("description", "")).strip().splitlines()
+        print(f"{name:<28} {description[0] if description else ''}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mft-bench", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="train every arm of a recipe, evaluate, write the report")
+    run.add_argument("recipe", help="recipe YAML path or name under tasks/")
+    run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. fft.epochs=1")
+    run.add_argument("--out", help="run folder (default: the recipe's output_dir or runs/<name>)")
+    run.add_argument("--force", action="append", default=[], metavar="STAGE",
+                     help="redo a stage and its dependents (old folder moved aside); repeatable")
+    run.set_defaults(func=cmd_run)
+
+    plan = sub.add_parser("plan", help="dry run: stages, cache status, estimated FLOPs/memory/time")
+    plan.add_argument("recipe")
+    plan.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    plan.add_argument("--out")
+    plan.set_defaults(func=cmd_plan)
+
+    reproduce = sub.add_parser("reproduce", help="run all paper recipes and print the paper-shaped table")
+    reproduce.add_argument("target", help="'paper'")
+    reproduce.add_argument("--backbone", choices=PAPER_BACKBONES, default="llama2-7b")
+    reproduce.add_argument("--dry-run", action="store_true", help="only plan")
+    reproduce.add_argument("--out")
+    reproduce.set_defaults(func=cmd_reproduce)
+
+    report = sub.add_parser("report", help="rebuild tables and plots of run folders (several: paper-shaped table)")
+    report.add_argument("run_dirs", nargs="+")
+    report.add_argument("--out", help="where the cross-recipe table goes")
+    report.set_defaults(func=cmd_report)
+
+    check = sub.add_parser("check", help="compare a run against a reference; exit 1 on regression")
+    check.add_argument("run_dir")
+    check.add_argument("--reference", required=True)
+    check.add_argument("--update", action="store_true", help="write the run's metrics as the new reference")
+    check.add_argument("--tolerance", type=float, default=None, help="with --update: tolerance for every metric")
+    check.set_defaults(func=cmd_check)
+
+    listing = sub.add_parser("list", help="list shipped recipes")
+    listing.set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return args.func(args)
+    except MftBenchError as exc:
+        print(f"mft-bench: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("mft-bench: interrupted; rerun the same command to resume", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Generation backends: turn ``GenerationRequest``s into completions.
+
+Every backend implements ``generate(requests) -> list[list[str]]``: for each request, in the order given, its
+``n`` completions, without the prompt, each cut before the first of the request's stop strings.
+
+- ``hf``: in-process transformers model (``HFBackend``), batched, left-padded, length-sorted.
+- ``vllm``: vLLM on an exported dense checkpoint folder (``VLLMBackend``), optional dependency, CUDA only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from mft_bench.errors import MftBenchError
+from mft_bench.evaluation.base import GenerationRequest
+
+BACKEND_NAMES = ("hf", "vllm")
+
+
+class Backend(Protocol):
+    """Anything that completes generation requests."""
+
+    def generate(self, requests: list[GenerationRequest]) -> list[list[str]]:
+        """``n`` completions per request, in request order, stop strings applied, prompt excluded."""
+        ...
+
+
+def truncate_at_stop(text: str, stop: tuple[str, ...] | list[str]) -> str:
+    """``text`` cut before the earliest occurrence of any stop string (unchanged when none occurs)."""
+    cut = len(text)
+    for s in stop:
+        if s:
+            pos = text.find(s)
+            if pos != -1:
+                cut = min(cut, pos)
+    return text[:cut]
+
+
+def make_backend(
+    name: str,
+    *,
+    model: Any = None,
+    tokenizer: Any = None,
+    model_path: str | None = None,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> Backend:
+    """Build the backend ``name``; heavy imports happen only for the backend chosen."""
+    if name == "hf":
+        from mft_bench.evaluation.backends.hf import HFBackend
+
+        if model is None or tokenizer is None:
+            raise MftBenchError("backend 'hf' needs a model and a tokenizer (or a model_path to load them from)")
+        return HFBackend(model, tokenizer, batch_size=batch_size, seed=seed)
+    if name == "vllm":
+        from mft_bench.evaluation.backends.vllm import VLLMBackend
+
+        if not model_path:
+            raise MftBenchError(
+                "backend 'vllm' needs model_path: the exported dense checkpoint folder (it cannot take an in-memory model)"
+            )
+        return VLLMBackend(model_path, seed=seed)
+    raise MftBenchError(f"unknown backend '{name}'; choose one of {', '.join(BACKEND_NAMES)}")
+
+
+__all__ = ["BACKEND_NAMES", "Backend", "make_backend", "truncate_at_stop"]

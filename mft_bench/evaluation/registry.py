@@ -1,0 +1,89 @@
+"""Benchmark names a recipe may use, and how each is built.
+
+Names are checked without importing any benchmark module (``validate_benchmark_name``), so the recipe
+validator stays fast; ``make_benchmark`` imports only the module of the benchmark asked for.
+``lm_eval:<task>`` names are not generation benchmarks of ours: the runner hands them to lm-eval
+(``mft_bench.evaluation.lm_eval_task.run_lm_eval_task``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from mft_bench.errors import MftBenchError
+from mft_bench.evaluation.base import Benchmark
+
+LM_EVAL_PREFIX = "lm_eval:"
+
+# name -> (module under mft_bench.evaluation, class name, fixed constructor options)
+_SPECS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "gsm8k": ("gsm8k", "GSM8K", {}),
+    "synthetic_math": ("synthetic_math", "SyntheticMath", {}),
+    "humaneval": ("humaneval", "HumanEval", {"variant": "olmes"}),
+    "humaneval_plain": ("humaneval", "HumanEval", {"variant": "plain"}),
+    "humaneval_plus": ("humaneval_plus", "HumanEvalPlus", {}),
+    "ifeval": ("ifeval", "IFEval", {}),
+}
+
+BENCHMARK_NAMES: tuple[str, ...] = tuple(_SPECS)
+
+
+def is_lm_eval(name: str) -> bool:
+    """True for ``lm_eval:<task>`` names."""
+    return name.startswith(LM_EVAL_PREFIX)
+
+
+def lm_eval_task(name: str) -> str:
+    """The lm-eval task of an ``lm_eval:<task>`` name."""
+    return name[len(LM_EVAL_PREFIX):]
+
+
+def validate_benchmark_name(name: str) -> None:
+    """Raise ``MftBenchError`` unless ``name`` is a known benchmark or ``lm_eval:<task>``; imports nothing heavy."""
+    if not isinstance(name, str):
+        raise MftBenchError(f"benchmark name must be a string, got {type(name).__name__}: {name!r}")
+    if is_lm_eval(name):
+        if not lm_eval_task(name).strip():
+            raise MftBenchError(f"benchmark '{name}' names no lm-eval task: write lm_eval:<task>, e.g. lm_eval:arc_easy")
+        return
+    if name not in _SPECS:
+        raise MftBenchError(
+            f"unknown benchmark '{name}'; known: {', '.join(BENCHMARK_NAMES)}, or lm_eval:<task> for any lm-eval task"
+        )
+
+
+def make_benchmark(name: str, options: dict[str, Any] | None = None, data_dir: str | None = None) -> Benchmark:
+    """Build the generation benchmark ``name`` with the recipe's ``options`` (keyword arguments) and ``data_dir``."""
+    validate_benchmark_name(name)
+    if is_lm_eval(name):
+        raise MftBenchError(
+            f"benchmark '{name}' runs through lm-eval as a whole, not as a generation benchmark: "
+            "call mft_bench.evaluation.runner.evaluate with it"
+        )
+    module_name, class_name, fixed = _SPECS[name]
+    clash = sorted(set(options or {}) & set(fixed))
+    if clash:
+        raise MftBenchError(f"benchmark '{name}' fixes option(s) {', '.join(clash)}; remove them from its options")
+    module = importlib.import_module(f"mft_bench.evaluation.{module_name}")
+    cls = getattr(module, class_name)
+    kwargs = {**fixed, **(options or {})}
+    if data_dir is not None:
+        kwargs["data_dir"] = data_dir
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise MftBenchError(f"benchmark '{name}': bad options {sorted(options or {})}: {exc}") from exc
+
+
+def benchmark_versions(name: str) -> str:
+    """``"<prompt>/<scorer>"`` versions of a benchmark (class attributes: nothing is loaded); for
+    ``lm_eval:<task>``, the lm-eval version (task versions are recorded in its metrics)."""
+    validate_benchmark_name(name)
+    if is_lm_eval(name):
+        from importlib.metadata import version
+
+        return f"lm-eval {version('lm_eval')}"
+    module_name, class_name, _ = _SPECS[name]
+    cls = getattr(importlib.import_module(f"mft_bench.evaluation.{module_name}"), class_name)
+    return f"{cls.prompt_version}/{cls.scorer_version}"

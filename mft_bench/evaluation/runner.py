@@ -1,0 +1,300 @@
+"""Evaluate one model on one benchmark: generate, score, write per-item records and metrics, resumably.
+
+Folder layout (``out_dir``)::
+
+    records.jsonl   one JSON line per item, appended (flush + fsync) chunk by chunk while generating, then
+                    rewritten in item order at the end, so an interrupted-then-resumed run ends byte-identical
+                    to an uninterrupted one
+    metrics.json    written last, atomically (tmp + os.replace): its presence means "finished"; a finished
+                    folder is returned as is and never rewritten
+
+Crash safety: a kill at any point leaves either no metrics.json (the rerun resumes: records already written are
+kept, a torn last line is dropped, only missing items are generated) or the finished folder. Records are
+matched to items by id and prompt hash; a different prompt under the same id is an error, never silently mixed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from mft_bench.errors import MftBenchError
+from mft_bench.evaluation.base import Benchmark, Item
+from mft_bench.evaluation.registry import is_lm_eval, lm_eval_task, make_benchmark, validate_benchmark_name
+
+logger = logging.getLogger(__name__)
+
+RECORDS_FILE = "records.jsonl"
+METRICS_FILE = "metrics.json"
+CHUNK_BATCHES = 4  # generate this many batches between two fsyncs of the records file
+LM_EVAL_OPTIONS = ("num_fewshot", "include_path")
+
+
+# -- small pure helpers ---------------------------------------------------------------------------------------
+def prompt_hash(prompt: str) -> str:
+    """sha256 of the prompt text, first 16 hex digits."""
+    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:16]
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe copy: numpy scalars -> Python numbers, tuples -> lists, NaN/inf -> None (strict JSON)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item") and callable(value.item) and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def dumps_record(record: dict[str, Any]) -> str:
+    """One records.jsonl line (no newline): sorted keys, compact, UTF-8 kept readable."""
+    return json.dumps(_plain(record), sort_keys=True, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def dumps_metrics(metrics: dict[str, Any]) -> str:
+    """metrics.json text: sorted keys, indented, trailing newline. Floats use Python's shortest repr."""
+    return json.dumps(_plain(metrics), sort_keys=True, ensure_ascii=False, indent=2, allow_nan=False) + "\n"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same folder and ``os.replace`` (all or nothing)."""
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_records(path: Path, items: list[Item]) -> dict[str, dict[str, Any]]:
+    """Records already written for ``items`` (by id). A torn last line is ignored; records of other ids too.
+
+    Raises ``MftBenchError`` when a record's prompt hash differs from its item's (the prompt changed since), or
+    when a line other than the last is not valid JSON (the file was damaged, not merely cut).
+    """
+    if not path.exists():
+        return {}
+    expected = {it.id: prompt_hash(it.request.prompt) for it in items}
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    kept: dict[str, dict[str, Any]] = {}
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or "id" not in record:
+                raise ValueError("not a record")
+        except ValueError as exc:
+            if number == len(lines):
+                logger.info("%s: ignoring a torn last line (interrupted write)", path)
+                continue
+            raise MftBenchError(
+                f"{path}: line {number} is not a valid record ({exc}); delete the file to re-evaluate"
+            ) from exc
+        rid = str(record["id"])
+        if rid not in expected or rid in kept:
+            continue
+        if record.get("prompt_hash") != expected[rid]:
+            raise MftBenchError(
+                f"{path}: item '{rid}' was generated from a different prompt (hash {record.get('prompt_hash')} vs "
+                f"{expected[rid]} now); the benchmark's prompt changed; delete {path.parent} to re-evaluate"
+            )
+        kept[rid] = record
+    return kept
+
+
+def make_record(benchmark: Benchmark, item: Item, outputs: list[str]) -> dict[str, Any]:
+    """The per-item record (see ``base.py``): ids and outputs, then the benchmark's scoring fields."""
+    scored = benchmark.score(item, outputs)
+    if "scores" not in scored:
+        raise MftBenchError(f"benchmark '{benchmark.name}' returned no 'scores' for item '{item.id}'")
+    record = dict(scored)
+    record.update(
+        id=item.id,
+        prompt_hash=prompt_hash(item.request.prompt),
+        output=outputs[0] if outputs else "",
+        outputs=list(outputs),
+    )
+    record.setdefault("extracted", None)
+    return record
+
+
+def build_metrics(
+    benchmark: Benchmark, records: list[dict[str, Any]], *, backend: str, limit: int | None
+) -> dict[str, Any]:
+    """metrics.json content (see ``base.py``)."""
+    metrics: dict[str, Any] = {
+        "benchmark": benchmark.name,
+        "n": len(records),
+        "primary_metric": benchmark.primary_metric,
+        "metrics": benchmark.aggregate(records),
+        "versions": {
+            "data": benchmark.data_hash(),
+            "prompt": str(benchmark.prompt_version),
+            "scorer": str(benchmark.scorer_version),
+        },
+        "backend": backend,
+        "limit": limit,
+    }
+    isolation = sorted({str(r["isolation"]) for r in records if r.get("isolation") is not None})
+    if isolation:
+        metrics["isolation"] = isolation[0] if len(isolation) == 1 else ",".join(isolation)
+    return metrics
+
+
+def _chunks(items: list[Item], size: int) -> Iterator[list[Item]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+# -- entry point ----------------------------------------------------------------------------------------------
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    benchmark: str,
+    out_dir: Path,
+    *,
+    options: dict[str, Any] | None = None,
+    limit: int | None = None,
+    backend: str = "hf",
+    batch_size: int = 32,
+    data_dir: str | None = None,
+    model_path: str | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Evaluate ``model`` (or the checkpoint at ``model_path``) on ``benchmark``; write and return its metrics.
+
+    Resumes an interrupted evaluation in ``out_dir``; returns a finished one's metrics without recomputing.
+    """
+    out_dir = Path(out_dir)
+    metrics_path = out_dir / METRICS_FILE
+    if metrics_path.exists():
+        logger.info("%s: finished earlier, reusing %s", benchmark, metrics_path)
+        return json.loads(metrics_path.read_text(encoding="utf-8"))
+    validate_benchmark_name(benchmark)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    import torch  # deferred: validation above needs no torch
+
+    torch.manual_seed(seed)
+    if is_lm_eval(benchmark):
+        return _evaluate_lm_eval(model, tokenizer, benchmark, out_dir, options=options, limit=limit,
+                                 batch_size=batch_size, model_path=model_path, seed=seed)
+
+    bench = make_benchmark(benchmark, options, data_dir)
+    items = bench.items(limit)
+    ids = [it.id for it in items]
+    if len(set(ids)) != len(ids):
+        raise MftBenchError(f"benchmark '{benchmark}' has duplicate item ids; records could not be matched")
+
+    records_path = out_dir / RECORDS_FILE
+    done = load_records(records_path, items)
+    # Rewrite what is kept before appending: drops a torn last line that the next append would otherwise extend.
+    if records_path.exists():
+        write_atomic(records_path, "".join(dumps_record(done[i]) + "\n" for i in ids if i in done))
+    missing = [it for it in items if it.id not in done]
+    if done:
+        logger.info("%s: resuming, %d of %d items already done", benchmark, len(done), len(items))
+
+    if missing:
+        generator = _backend(backend, model, tokenizer, model_path=model_path, batch_size=batch_size, seed=seed)
+        with open(records_path, "a", encoding="utf-8", newline="\n") as f, tqdm(
+            total=len(items), initial=len(done), desc=f"eval {benchmark}", unit="item", disable=None
+        ) as bar:
+            for chunk in _chunks(missing, CHUNK_BATCHES * batch_size):
+                outputs = generator.generate([it.request for it in chunk])
+                if len(outputs) != len(chunk):
+                    raise RuntimeError(f"backend returned {len(outputs)} results for {len(chunk)} requests")
+                lines = []
+                for item, outs in zip(chunk, outputs):
+                    line = dumps_record(make_record(bench, item, outs))
+                    lines.append(line)
+                    done[item.id] = json.loads(line)  # the JSON round trip, exactly as a resumed run reads it
+                f.write("".join(line + "\n" for line in lines))
+                f.flush()
+                os.fsync(f.fileno())
+                bar.update(len(chunk))
+
+    records = [done[i] for i in ids]
+    write_atomic(records_path, "".join(dumps_record(r) + "\n" for r in records))
+    metrics = build_metrics(bench, records, backend=backend, limit=limit)
+    text = dumps_metrics(metrics)
+    write_atomic(metrics_path, text)  # last: its presence marks the folder finished
+    return json.loads(text)
+
+
+def _backend(name: str, model: Any, tokenizer: Any, *, model_path: str | None, batch_size: int, seed: int):
+    from mft_bench.evaluation.backends import make_backend
+
+    if name == "hf" and model is None:
+        model, tokenizer = _load(model_path, tokenizer)
+    return make_backend(name, model=model, tokenizer=tokenizer, model_path=model_path, batch_size=batch_size, seed=seed)
+
+
+def _load(model_path: str | None, tokenizer: Any) -> tuple[Any, Any]:
+    if not model_path:
+        raise MftBenchError("evaluate needs a model object or model_path (a checkpoint folder)")
+    from mft_bench.backbone import load_backbone
+
+    model, loaded_tokenizer = load_backbone(model_path)
+    return model, tokenizer if tokenizer is not None else loaded_tokenizer
+
+
+def _evaluate_lm_eval(
+    model: Any,
+    tokenizer: Any,
+    benchmark: str,
+    out_dir: Path,
+    *,
+    options: dict[str, Any] | None,
+    limit: int | None,
+    batch_size: int,
+    model_path: str | None,
+    seed: int,
+) -> dict[str, Any]:
+    """``lm_eval:<task>``: lm-eval runs the whole loop; its metrics dict is written as metrics.json (last)."""
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(LM_EVAL_OPTIONS))
+    if unknown:
+        raise MftBenchError(
+            f"benchmark '{benchmark}': unknown option(s) {', '.join(unknown)}; lm_eval tasks take {', '.join(LM_EVAL_OPTIONS)}"
+        )
+    if model is None:
+        model, tokenizer = _load(model_path, tokenizer)
+    from mft_bench.evaluation.lm_eval_task import run_lm_eval_task
+
+    result = run_lm_eval_task(
+        model, tokenizer, lm_eval_task(benchmark), out_dir, limit=limit, batch_size=batch_size,
+        num_fewshot=options.get("num_fewshot"), include_path=options.get("include_path"), seed=seed,
+    )
+    metrics_path = out_dir / METRICS_FILE
+    if metrics_path.exists():  # the task module wrote it itself: never overwrite
+        return json.loads(metrics_path.read_text(encoding="utf-8"))
+    text = dumps_metrics(result)
+    write_atomic(metrics_path, text)
+    return json.loads(text)

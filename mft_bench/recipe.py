@@ -1,0 +1,238 @@
+"""Recipes: the validated schema of ``tasks/*.yaml``, loading, ``KEY=VALUE`` overrides and hashing.
+
+A recipe pairs a domain dataset with a backbone and says which arms to train and which benchmarks to run.
+Every field has the paper's value as its default where the paper has one (see ``../shared/DESIGN.md``);
+unknown keys are refused, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mft_bench.data import SourceSpec
+from mft_bench.errors import MftBenchError
+
+ARMS = ("baseline", "fft", "mft", "lora", "random_mask", "magnitude_mask")
+# arms that need the FFT model first
+NEEDS_FFT = ("mft", "random_mask", "magnitude_mask")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BackboneSpec(_Strict):
+    name: str = "smollm2-135m"
+    gguf_file: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class DataSpec(_Strict):
+    sources: list[SourceSpec] = Field(min_length=1)
+    validation_rows: int = Field(default=32, ge=1)
+    max_length: int = Field(default=1024, ge=8)
+    data_dir: str | None = None
+
+
+class TrainSpec(_Strict):
+    """Hyperparameters of one training arm; defaults are the paper's (LLaMA2-7B, 8 GPUs x 1 x 16)."""
+
+    epochs: float = Field(default=2.0, gt=0)
+    max_steps: int = -1
+    learning_rate: float = Field(default=2e-5, gt=0)
+    lr_scheduler: str = "linear"
+    warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    per_device_batch_size: int = Field(default=1, ge=1)
+    gradient_accumulation_steps: int = Field(default=128, ge=1)
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    bf16: bool = False
+    save_every: float | None = Field(default=None, gt=0)
+    group_by_length: bool = True
+
+
+class LoraSpec(TrainSpec):
+    r: int = Field(default=64, ge=1)
+    alpha: int = Field(default=16, ge=1)
+    dropout: float = Field(default=0.1, ge=0, lt=1)
+    target_modules: list[str] | None = None
+
+
+class MaskRecipe(_Strict):
+    layers: list[int] = Field(min_length=1)
+    modules: list[str] | None = None
+    mask_ratio: float = 0.1
+    init: Literal["normal", "magnitude"] = "normal"
+    mode: Literal["local", "global"] = "local"
+
+    @field_validator("mask_ratio")
+    @classmethod
+    def _ratio_in_open_interval(cls, value: float) -> float:
+        if not 0.0 < value < 1.0:
+            raise ValueError(f"must be in (0, 1) (the REMOVED fraction), got {value}")
+        return value
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_non_negative(cls, value: list[int]) -> list[int]:
+        if any(layer < 0 for layer in value):
+            raise ValueError(f"layer indices must be >= 0, got {value}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"layer indices repeat: {value}")
+        return sorted(value)
+
+
+class BenchmarkSpec(_Strict):
+    name: str
+    limit: int | None = Field(default=None, ge=1)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known_benchmark(cls, value: str) -> str:
+        from mft_bench.evaluation.registry import validate_benchmark_name
+
+        try:
+            validate_benchmark_name(value)
+        except MftBenchError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+
+class EvaluationSpec(_Strict):
+    backend: Literal["hf", "vllm"] = "hf"
+    batch_size: int = Field(default=32, ge=1)
+    checkpoints: Literal["last", "all"] = "last"
+    benchmarks: list[BenchmarkSpec] = Field(min_length=1)
+
+
+class Recipe(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    description: str = ""
+    domain: Literal["math", "coding", "instruction"] | None = None
+    paper_key: str | None = None
+    seed: int = 0
+    backbone: BackboneSpec = Field(default_factory=BackboneSpec)
+    data: DataSpec
+    arms: list[Literal["baseline", "fft", "mft", "lora", "random_mask", "magnitude_mask"]] = Field(
+        default_factory=lambda: list(ARMS), min_length=1
+    )
+    mask: MaskRecipe
+    fft: TrainSpec = Field(default_factory=TrainSpec)
+    mft: TrainSpec = Field(default_factory=TrainSpec)
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    evaluation: EvaluationSpec
+    output_dir: str | None = None
+
+    @model_validator(mode="after")
+    def _arms_consistent(self) -> "Recipe":
+        if len(set(self.arms)) != len(self.arms):
+            raise ValueError(f"arms repeat: {self.arms}")
+        needing = [arm for arm in self.arms if arm in NEEDS_FFT]
+        if needing and "fft" not in self.arms:
+            raise ValueError(f"arms {needing} start from the FFT model: add 'fft' to arms")
+        return self
+
+    def content_hash(self) -> str:
+        return stable_hash(self.model_dump(mode="json"))
+
+
+def stable_hash(value: Any, length: int = 12) -> str:
+    """Short sha256 of a JSON-serialisable value (sorted keys), for content-addressed stage folders."""
+    blob = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def _format_location(loc: tuple) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+def _first_error_line(exc: ValidationError, source: str) -> str:
+    error = exc.errors()[0]
+    field = _format_location(error["loc"]) or "(top level)"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return f"{source}: unknown key '{field}'"
+    if kind == "missing":
+        return f"{source}: missing required key '{field}'"
+    message = error["msg"].removeprefix("Value error, ")
+    got = error.get("input")
+    suffix = f" (got {got!r})" if kind not in ("value_error",) and not isinstance(got, (dict, list)) else ""
+    return f"{source}: {field}: {message}{suffix}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=VALUE`` -> (["a","b","c"], value parsed as YAML, so numbers, lists and booleans work)."""
+    if "=" not in text:
+        raise MftBenchError(f"override '{text}' is not KEY=VALUE (e.g. fft.learning_rate=1e-5)")
+    key, raw = text.split("=", 1)
+    if not key.strip():
+        raise MftBenchError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set nested keys in the raw recipe mapping. List items are addressed by index (``data.sources.0.rows``)."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node: Any = data
+        for depth, part in enumerate(path[:-1]):
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise MftBenchError(f"override '{text}': no list item {part} at '{'.'.join(path[:depth + 1])}'")
+                node = node[int(part)]
+            else:
+                node = node.setdefault(part, {})
+            if not isinstance(node, (dict, list)):
+                raise MftBenchError(f"override '{text}': '{'.'.join(path[:depth + 1])}' is not a mapping")
+        last = path[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise MftBenchError(f"override '{text}': no list item {last}")
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return data
+
+
+def validate_recipe(data: Any, source: str = "recipe") -> Recipe:
+    if not isinstance(data, dict):
+        raise MftBenchError(f"{source}: a recipe must be a YAML mapping, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise MftBenchError(_first_error_line(exc, source)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe file. Every problem is an MftBenchError with one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise MftBenchError(f"recipe file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise MftBenchError(f"{path}: malformed YAML{where}: {problem}") from None
+    if data is None:
+        raise MftBenchError(f"{path}: the recipe file is empty")
+    if isinstance(data, dict) and overrides:
+        data = apply_overrides(data, overrides)
+    return validate_recipe(data, source=str(path))
+
+
+def recipe_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

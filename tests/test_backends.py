@@ -1,0 +1,166 @@
+"""Generation backends: batch-size invariance, order, stop strings, seeded sampling, the vllm error path."""
+
+from __future__ import annotations
+
+import os
+import sys
+import types
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest
+import torch
+
+from mft_bench.backbone import byte_tokenizer, tiny_model
+from mft_bench.errors import MftBenchError
+from mft_bench.evaluation.backends import make_backend, truncate_at_stop
+from mft_bench.evaluation.backends.hf import HFBackend, gumbel_noise
+from mft_bench.evaluation.backends.vllm import UNAVAILABLE, VLLMBackend
+from mft_bench.evaluation.base import GenerationRequest
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models: OpenMP's thread handoffs cost more than they save, and on a shared CPU far more (10x measured).
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return byte_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def models(tokenizer):
+    # Seeds picked so that greedy outputs differ between prompts (the invariance check then means something).
+    return {"llama": tiny_model("llama", vocab_size=len(tokenizer), seed=0).eval(),
+            "gpt2": tiny_model("gpt2", vocab_size=len(tokenizer), seed=2).eval()}
+
+
+def prompts(count: int = 12) -> list[str]:
+    # Lengths from ~14 to ~70 bytes: batches mix heavily padded and unpadded rows.
+    return [f"Question {i}: " + "what is " * (i % 7) + f"{i * 13} plus {i}?" for i in range(count)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_greedy_independent_of_batch_size(models, tokenizer, arch):
+    requests = [GenerationRequest(p, max_new_tokens=16) for p in prompts()]
+    requests.append(GenerationRequest("a chat message", chat=True, max_new_tokens=16))
+    by_size = {bs: HFBackend(models[arch], tokenizer, batch_size=bs).generate(requests) for bs in (1, 4, 32)}
+    assert by_size[1] == by_size[4] == by_size[32]
+    assert len({o[0] for o in by_size[1]}) >= 6, "outputs too uniform for the comparison to be meaningful"
+    assert all(len(o) == 1 for o in by_size[1])
+
+
+def test_results_in_request_order(models, tokenizer):
+    requests = [GenerationRequest(p, max_new_tokens=8) for p in prompts(8)]
+    backend = HFBackend(models["llama"], tokenizer, batch_size=3)
+    forward = backend.generate(requests)
+    backward = backend.generate(requests[::-1])
+    assert backward == forward[::-1]
+    alone = [backend.generate([r])[0] for r in requests[:3]]
+    assert alone == forward[:3]
+
+
+def test_chat_request_uses_chat_template(models, tokenizer):
+    backend = HFBackend(models["llama"], tokenizer)
+    templated = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                              add_generation_prompt=True)
+    assert backend.encode(GenerationRequest("hi", chat=True)) == tokenizer(templated, add_special_tokens=False)["input_ids"]
+    chat = backend.generate([GenerationRequest("hi", chat=True, max_new_tokens=10)])
+    plain = backend.generate([GenerationRequest(templated, max_new_tokens=10)])
+    raw = backend.generate([GenerationRequest("hi", max_new_tokens=10)])
+    assert chat == plain and chat != raw
+
+
+def test_stop_strings_and_per_request_lengths(models, tokenizer):
+    backend = HFBackend(models["llama"], tokenizer, batch_size=8)
+    prompt = prompts()[0]
+    full = backend.generate([GenerationRequest(prompt, max_new_tokens=24)])[0][0]
+    assert len(full) > 6
+    stop = full[3:5]
+    cut = full[: full.find(stop)]
+    mixed = backend.generate([
+        GenerationRequest(prompt, max_new_tokens=24, stop=(stop,)),
+        GenerationRequest(prompt, max_new_tokens=24, stop=("never appears", stop)),
+        GenerationRequest(prompt, max_new_tokens=24),
+        GenerationRequest(prompt, max_new_tokens=5),
+        GenerationRequest(prompts()[5], max_new_tokens=24),
+    ])
+    assert mixed[0] == [cut] and mixed[1] == [cut]
+    assert mixed[2] == [full]
+    assert mixed[3] == backend.generate([GenerationRequest(prompt, max_new_tokens=5)])[0]
+    assert mixed[3][0] != full and full.startswith(mixed[3][0].rstrip("\ufffd"))
+    # A stop string at the end of the prompt does not end the completion before it starts.
+    tail = prompt[-2:]
+    assert backend.generate([GenerationRequest(prompt, max_new_tokens=24, stop=(tail,))])[0][0] == truncate_at_stop(full, (tail,))
+
+
+def test_truncate_at_stop():
+    assert truncate_at_stop("abc\n\nQuestion: x", ("Question:", "\n\n")) == "abc"
+    assert truncate_at_stop("no stop here", ("zz",)) == "no stop here"
+    assert truncate_at_stop("text", ()) == "text"
+    assert truncate_at_stop("text", ("",)) == "text"
+
+
+def test_sampling_reproducible_and_batch_independent(models, tokenizer):
+    requests = [GenerationRequest(p, max_new_tokens=10, temperature=0.9, top_p=0.95, n=3) for p in prompts(6)]
+    model = models["llama"]
+    first = HFBackend(model, tokenizer, batch_size=4, seed=7).generate(requests)
+    again = HFBackend(model, tokenizer, batch_size=32, seed=7).generate(requests)
+    other = HFBackend(model, tokenizer, batch_size=4, seed=8).generate(requests)
+    assert first == again
+    assert first != other
+    assert all(len(samples) == 3 for samples in first)
+    assert any(len(set(samples)) > 1 for samples in first), "n samples of one prompt should differ"
+    greedy = HFBackend(model, tokenizer).generate([GenerationRequest(prompts()[0], max_new_tokens=10, n=3)])
+    assert len(greedy[0]) == 3 and len(set(greedy[0])) == 1
+
+
+def test_gumbel_max_draws_from_softmax():
+    logits = torch.tensor([1.0, 0.0, -1.0, float("-inf")])
+    rows = 6000
+    generators = [torch.Generator().manual_seed(s) for s in range(rows)]
+    picks = (logits.double() + gumbel_noise(generators, 4)).argmax(-1)
+    freq = torch.bincount(picks, minlength=4).double() / rows
+    assert freq[3] == 0
+    assert torch.allclose(freq, torch.softmax(logits.double(), -1), atol=0.025)
+
+
+def test_greedy_matches_transformers_generate(models, tokenizer):
+    for arch, model in models.items():
+        backend = HFBackend(model, tokenizer)
+        for prompt in prompts()[:3]:
+            ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+            with torch.inference_mode():
+                ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id)
+            expected = tokenizer.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+            assert backend.generate([GenerationRequest(prompt, max_new_tokens=12)]) == [[expected]], arch
+
+
+def test_make_backend_errors(models, tokenizer):
+    with pytest.raises(MftBenchError, match="unknown backend 'tgi'"):
+        make_backend("tgi", model=models["llama"], tokenizer=tokenizer)
+    with pytest.raises(MftBenchError, match="model_path"):
+        make_backend("vllm", model=models["llama"], tokenizer=tokenizer)
+    assert isinstance(make_backend("hf", model=models["llama"], tokenizer=tokenizer, batch_size=2), HFBackend)
+
+
+def test_vllm_without_package_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
+    with pytest.raises(MftBenchError) as err:
+        VLLMBackend("some/checkpoint")
+    assert str(err.value) == UNAVAILABLE
+    assert "pip install 'mft-bench[vllm]'" in UNAVAILABLE and "backend: hf" in UNAVAILABLE
+
+
+def test_vllm_without_gpu_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(MftBenchError, match="needs the vllm package and a CUDA GPU"):
+        make_backend("vllm", model_path="some/checkpoint")

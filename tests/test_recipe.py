@@ -1,0 +1,60 @@
+"""Every shipped recipe validates; overrides; hashing."""
+
+from pathlib import Path
+
+import pytest
+
+from mft_bench.errors import MftBenchError
+from mft_bench.recipe import apply_overrides, load_recipe, parse_override
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = sorted(p for p in (ROOT / "tasks").rglob("*.yaml") if "accelerate" not in p.parts and "lm_eval" not in p.parts)
+
+
+def test_recipes_are_shipped():
+    names = {p.relative_to(ROOT / "tasks").with_suffix("").as_posix() for p in RECIPES}
+    assert {"default", "smoke"} <= names
+    for backbone in ("llama2-7b", "llama3.1-8b"):
+        for domain in ("math", "coding", "instruction"):
+            assert f"paper/{backbone}-{domain}" in names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_shipped_recipe_validates(path):
+    recipe = load_recipe(path)
+    assert recipe.name == path.stem
+    assert recipe.arms and recipe.evaluation.benchmarks
+    assert 0 < recipe.mask.mask_ratio < 1
+
+
+@pytest.mark.parametrize("domain,band", [("math", [4, 5, 6, 7]), ("coding", [20, 21, 22, 23]),
+                                         ("instruction", [0, 1, 2, 3])])
+def test_paper_recipes_use_the_paper_bands(domain, band):
+    for backbone in ("llama2-7b", "llama3.1-8b"):
+        recipe = load_recipe(ROOT / "tasks" / "paper" / f"{backbone}-{domain}.yaml")
+        assert recipe.mask.layers == band
+        assert recipe.mask.mask_ratio == 0.1
+        assert recipe.fft.learning_rate == 2e-5 and recipe.fft.epochs == 2
+        assert recipe.fft.per_device_batch_size * recipe.fft.gradient_accumulation_steps * 8 == 128
+
+
+def test_overrides_parse_yaml_values():
+    assert parse_override("fft.learning_rate=1e-5") == (["fft", "learning_rate"], 1e-5)
+    assert parse_override("mask.layers=[1, 2]") == (["mask", "layers"], [1, 2])
+    data = apply_overrides({"data": {"sources": [{"name": "a", "rows": 3}]}}, ["data.sources.0.rows=7", "seed=3"])
+    assert data == {"data": {"sources": [{"name": "a", "rows": 7}]}, "seed": 3}
+
+
+def test_override_changes_hash_and_value():
+    base = load_recipe(ROOT / "tasks" / "smoke.yaml")
+    changed = load_recipe(ROOT / "tasks" / "smoke.yaml", ["mft.learning_rate=0.5"])
+    assert changed.mft.learning_rate == 0.5
+    assert base.content_hash() != changed.content_hash()
+    assert base.content_hash() == load_recipe(ROOT / "tasks" / "smoke.yaml").content_hash()
+
+
+def test_bad_override_is_a_user_error():
+    with pytest.raises(MftBenchError, match="KEY=VALUE"):
+        load_recipe(ROOT / "tasks" / "smoke.yaml", ["fft.learning_rate"])
+    with pytest.raises(MftBenchError, match="no list item 9"):
+        load_recipe(ROOT / "tasks" / "smoke.yaml", ["data.sources.9.rows=1"])
