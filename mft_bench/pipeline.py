@@ -19,6 +19,7 @@ from mft_bench.errors import MftBenchError
 from mft_bench.plan import (
     Stage,
     build_plan,
+    checkpoint_eval_stages,
     finish_stage,
     package_versions,
     retire_folder,
@@ -176,8 +177,11 @@ def _save_model_atomic(model, tokenizer, folder: Path) -> None:
     tmp.rename(folder)
 
 
-def _checkpoint_names(result) -> list[dict[str, Any]]:
-    return [{"step": int(step), "path": str(path)} for step, path in result.checkpoints]
+def _checkpoint_names(result, stage: Stage) -> list[dict[str, Any]]:
+    """Checkpoints relative to the stage folder, so a run folder can be moved."""
+    root = stage.folder.resolve()
+    return [{"step": int(step), "path": str(Path(path).resolve().relative_to(root))}
+            for step, path in result.checkpoints]
 
 
 def run_train_stage(recipe: Recipe, stage: Stage, stages: dict[str, Stage], models: ModelCache) -> dict[str, Any]:
@@ -215,7 +219,7 @@ def run_train_stage(recipe: Recipe, stage: Stage, stages: dict[str, Stage], mode
     else:
         raise ValueError(f"not a training stage: {stage.name}")
     write_json_atomic(stage.folder / "log_history.json", result.log_history)
-    outputs.update({"model": "model", "log_history": "log_history.json", "checkpoints": _checkpoint_names(result),
+    outputs.update({"model": "model", "log_history": "log_history.json", "checkpoints": _checkpoint_names(result, stage),
                     "validation_loss": {str(k): v for k, v in (result.validation_loss or {}).items()}})
     return outputs
 
@@ -233,8 +237,25 @@ def run_mask_stage(recipe: Recipe, stage: Stage, stages: dict[str, Stage], model
     return {"masks": "masks.safetensors", "model": "model"}
 
 
+def _checkpoint_path(train_stage: Stage, step: int) -> Path:
+    for entry in train_stage.manifest()["outputs"]["checkpoints"]:
+        if int(entry["step"]) == step:
+            path = Path(entry["path"])
+            return path if path.is_absolute() else train_stage.folder / path
+    raise ValueError(f"{train_stage.name} has no checkpoint at step {step}")
+
+
 def _arm_model(stage: Stage, stages: dict[str, Stage], models: ModelCache):
-    """(model object, model folder or None) for an evaluation stage's arm."""
+    """(model object, model folder or None) for an evaluation stage's arm and checkpoint."""
+    if stage.checkpoint != "last":
+        step = int(stage.checkpoint.removeprefix("step-"))
+        path = _checkpoint_path(stages[stage.arm], step)
+        if stage.arm == "mft":  # intermediate MFT checkpoints are mask files over the FFT model
+            from mft_bench.masking import apply_masks, load_masks
+
+            base = models.fft_model(stages["fft"])
+            return apply_masks(copy.deepcopy(base), load_masks(path, base_model=base)).eval(), None
+        return load_model_folder(path, models.recipe.backbone.dtype), path
     if stage.arm == "baseline":
         return models.backbone(), None
     if stage.arm == "fft":
@@ -247,14 +268,18 @@ def run_eval_stage(recipe: Recipe, stage: Stage, stages: dict[str, Stage], model
     from mft_bench.evaluation.runner import evaluate
 
     bench = next(b for b in recipe.evaluation.benchmarks if b.name == stage.benchmark)
+    options = stage.key["benchmark"]["options"]
     backend = recipe.evaluation.backend
-    if backend == "vllm":
-        model, folder = None, (stages[stage.arm].folder / "model" if stage.arm != "baseline" else None)
-        if folder is None:
-            folder = Path(recipe.backbone.name)
+    if backend == "vllm" and stage.checkpoint == "last":  # the engine loads the exported folder itself
+        model = None
+        folder = stages[stage.arm].folder / "model" if stage.arm != "baseline" else Path(recipe.backbone.name)
     else:
         model, folder = _arm_model(stage, stages, models)
-    metrics = evaluate(model, models.tokenizer(), bench.name, stage.folder, options=bench.options, limit=bench.limit,
+        if backend == "vllm" and folder is None:  # an in-memory MFT checkpoint: export it for the engine
+            folder = stage.folder / "model"
+            if not folder.is_dir():
+                _save_model_atomic(model, models.tokenizer(), folder)
+    metrics = evaluate(model, models.tokenizer(), bench.name, stage.folder, options=options, limit=bench.limit,
                        backend=backend, batch_size=recipe.evaluation.batch_size, data_dir=recipe.data.data_dir,
                        model_path=str(folder) if folder else None, seed=recipe.seed)
     if stage.arm not in ("baseline", "fft"):
@@ -276,6 +301,40 @@ def preflight(recipe: Recipe, models: ModelCache) -> None:
         resolve_targets(model, list(recipe.mask.layers), recipe.mask.modules)
 
 
+def _run_stage(recipe: Recipe, stage: Stage, stages: dict[str, Stage], models: ModelCache, progress) -> None:
+    if stage.done():
+        logger.info("stage %s: cached", stage.name)
+        if progress:
+            progress(stage, "cached")
+        return
+    if progress:
+        progress(stage, "running")
+    stage.folder.mkdir(parents=True, exist_ok=True)
+    if stage.kind == "data":
+        outputs = run_data_stage(recipe, stage, models)
+    elif stage.kind == "train":
+        outputs = run_train_stage(recipe, stage, stages, models)
+    elif stage.kind == "mask":
+        outputs = run_mask_stage(recipe, stage, stages, models)
+    else:
+        outputs = run_eval_stage(recipe, stage, stages, models)
+    finish_stage(stage, outputs)
+    if progress:
+        progress(stage, "done")
+
+
+def intermediate_stages(recipe: Recipe, run_dir: Path, stages: dict[str, Stage]) -> list[Stage]:
+    """Evaluation stages of every training arm's intermediate checkpoints (known once training finished)."""
+    extra = []
+    for arm in ("fft", "mft", "lora"):
+        if arm not in stages:
+            continue
+        steps = sorted(int(entry["step"]) for entry in stages[arm].manifest()["outputs"]["checkpoints"])
+        if steps:
+            extra += checkpoint_eval_stages(recipe, run_dir, stages[arm], steps, last_step=steps[-1])
+    return extra
+
+
 def run_recipe(recipe: Recipe, run_dir: Path, *, force: list[str] | None = None,
                progress=None) -> dict[str, Any]:
     """Run every unfinished stage, write run.json, build and write the report. Returns the report."""
@@ -295,26 +354,14 @@ def run_recipe(recipe: Recipe, run_dir: Path, *, force: list[str] | None = None,
     if not all(stage.done() for stage in stages_list):
         preflight(recipe, models)
     for stage in stages_list:
-        if stage.done():
-            logger.info("stage %s: cached", stage.name)
-            if progress:
-                progress(stage, "cached")
-            continue
-        if progress:
-            progress(stage, "running")
-        stage.folder.mkdir(parents=True, exist_ok=True)
-        if stage.kind == "data":
-            outputs = run_data_stage(recipe, stage, models)
-        elif stage.kind == "train":
-            outputs = run_train_stage(recipe, stage, stages, models)
-        elif stage.kind == "mask":
-            outputs = run_mask_stage(recipe, stage, stages, models)
-        else:
-            outputs = run_eval_stage(recipe, stage, stages, models)
-        finish_stage(stage, outputs)
-        if progress:
-            progress(stage, "done")
+        _run_stage(recipe, stage, stages, models, progress)
 
+    if recipe.evaluation.checkpoints == "all":
+        extra = intermediate_stages(recipe, run_dir, stages)
+        for stage in extra:
+            stages[stage.name] = stage
+            _run_stage(recipe, stage, stages, models, progress)
+        stages_list = stages_list + extra
     run_info = build_run_info(recipe, run_dir, stages_list, stable_hash(recipe.model_dump(mode="json")))
     write_json_atomic(run_dir / RUN_FILE, run_info)
     from mft_bench.report import build_report, write_report
@@ -329,6 +376,8 @@ def build_run_info(recipe: Recipe, run_dir: Path, stages: list[Stage], recipe_ha
         return str(path.relative_to(run_dir))
 
     evaluations, training, masks = [], [], {}
+    last_steps = {stage.arm: max((int(c["step"]) for c in stage.manifest()["outputs"]["checkpoints"]), default=None)
+                  for stage in stages if stage.kind == "train"}
     data_hashes: dict[str, str] = {}
     prompt_versions: dict[str, str] = {}
     for stage in stages:
@@ -349,7 +398,10 @@ def build_run_info(recipe: Recipe, run_dir: Path, stages: list[Stage], recipe_ha
                 data_hashes[stage.benchmark] = versions["data"]
             if "prompt" in versions:
                 prompt_versions[stage.benchmark] = str(versions["prompt"])
-            evaluations.append({"arm": stage.arm, "checkpoint": stage.checkpoint, "step": None, "split": "test",
+            split = stage.key.get("split", "test")
+            step = int(stage.checkpoint.removeprefix("step-")) if stage.checkpoint != "last" else \
+                last_steps.get(stage.arm)
+            evaluations.append({"arm": stage.arm, "checkpoint": stage.checkpoint, "step": step, "split": split,
                                 "benchmark": stage.benchmark, "metrics": rel(stage.folder / "metrics.json"),
                                 "records": rel(stage.folder / "records.jsonl")})
     return {

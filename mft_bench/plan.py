@@ -106,25 +106,39 @@ def build_plan(recipe: Recipe, run_dir: Path) -> list[Stage]:
     return list(stages.values())
 
 
-def checkpoint_eval_stages(recipe: Recipe, run_dir: Path, train_stage: Stage, checkpoints: list[str]) -> list[Stage]:
-    """Eval stages for a training arm's intermediate checkpoints, on test and on the validation split.
+# benchmarks with a held-out validation split of their own (option ``split``), used for checkpoint selection
+VALIDATION_BENCHMARKS = ("synthetic_math",)
 
-    Known only once training has finished (the checkpoint list lives in its manifest). The validation split
-    evaluation uses the in-domain held-out rows, so checkpoints are selected on validation, never on test.
+
+def checkpoint_eval_stages(recipe: Recipe, run_dir: Path, train_stage: Stage, steps: list[int],
+                           last_step: int) -> list[Stage]:
+    """Evaluation stages for a training arm's intermediate checkpoints (test split), and validation-split
+    evaluations of every checkpoint, the last included, for benchmarks that have one.
+
+    Known only once training has finished (the checkpoint list lives in its manifest). Checkpoints are selected
+    on the validation split, never on test.
     """
     env = package_versions()
     stages = []
-    for checkpoint in checkpoints:
+
+    def add(prefix: str, checkpoint: str, bench, options: dict, split: str) -> None:
+        key = {"benchmark": {**bench.model_dump(mode="json"), "options": options}, "split": split,
+               "backend": recipe.evaluation.backend, "dtype": recipe.backbone.dtype, "seed": recipe.seed,
+               "checkpoint": checkpoint, "prompt_version": _prompt_version(bench.name, options)}
+        stage = Stage(f"{prefix}-{train_stage.arm}-{checkpoint}-{_slug(bench.name)}", "eval", key,
+                      deps=[train_stage.name], arm=train_stage.arm, benchmark=bench.name, checkpoint=checkpoint)
+        stage.hash = stable_hash({"key": key, "upstream": {train_stage.name: train_stage.hash}, "env": env,
+                                  "format": STAGE_FORMAT_VERSION})
+        stage.folder = run_dir / "stages" / f"{stage.name}-{stage.hash}"
+        stages.append(stage)
+
+    for step in steps:
         for bench in recipe.evaluation.benchmarks:
-            key = {"benchmark": bench.model_dump(mode="json"), "backend": recipe.evaluation.backend,
-                   "dtype": recipe.backbone.dtype, "seed": recipe.seed, "checkpoint": checkpoint,
-                   "prompt_version": _prompt_version(bench.name, bench.options)}
-            stage = Stage(f"eval-{train_stage.arm}-{checkpoint}-{_slug(bench.name)}", "eval", key,
-                          deps=[train_stage.name], arm=train_stage.arm, benchmark=bench.name, checkpoint=checkpoint)
-            stage.hash = stable_hash({"key": key, "upstream": {train_stage.name: train_stage.hash}, "env": env,
-                                      "format": STAGE_FORMAT_VERSION})
-            stage.folder = run_dir / "stages" / f"{stage.name}-{stage.hash}"
-            stages.append(stage)
+            if step != last_step:
+                add("eval", f"step-{step}", bench, bench.options, "test")
+            if bench.name in VALIDATION_BENCHMARKS:
+                add("val", "last" if step == last_step else f"step-{step}", bench,
+                    {**bench.options, "split": "validation"}, "validation")
     return stages
 
 

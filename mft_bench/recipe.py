@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,7 +55,8 @@ class TrainSpec(_Strict):
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
     bf16: bool = False
-    save_every: float | None = Field(default=None, gt=0)
+    save_every: float | None = Field(default=None, gt=0)  # fraction of an epoch between exports (paper: 1/3)
+    resume_every_steps: int | None = Field(default=None, ge=1)  # optimizer steps between resume checkpoints
     group_by_length: bool = True
 
 
@@ -168,6 +170,9 @@ def _first_error_line(exc: ValidationError, source: str) -> str:
     return f"{source}: {field}: {message}{suffix}"
 
 
+_EXPONENT_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``a.b.c=VALUE`` -> (["a","b","c"], value parsed as YAML, so numbers, lists and booleans work)."""
     if "=" not in text:
@@ -179,6 +184,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str) and _EXPONENT_NUMBER.match(value.strip()):
+        value = float(value)  # YAML 1.1 reads "1e-5" as a string; on a command line it means the number
     return key.strip().split("."), value
 
 

@@ -164,3 +164,15 @@ def test_vllm_without_gpu_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(MftBenchError, match="needs the vllm package and a CUDA GPU"):
         make_backend("vllm", model_path="some/checkpoint")
+
+
+def test_cache_without_row_dropping_gives_same_results(models, tokenizer, monkeypatch):
+    requests = [GenerationRequest(p, max_new_tokens=3 + i % 9, stop=("a",)) for i, p in enumerate(prompts())]
+    backend = HFBackend(models["llama"], tokenizer, batch_size=32)
+    pruned = backend.generate(requests)
+    from transformers import cache_utils
+
+    for cls in vars(cache_utils).values():
+        if isinstance(cls, type) and "batch_select_indices" in vars(cls):
+            monkeypatch.delattr(cls, "batch_select_indices")
+    assert backend.generate(requests) == pruned

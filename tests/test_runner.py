@@ -237,16 +237,17 @@ def test_sigkill_then_rerun_matches_uninterrupted(tiny, echo, tmp_path):
 def test_lm_eval_benchmark_is_delegated(tmp_path, monkeypatch):
     calls = []
 
-    def run_lm_eval_task(model, tokenizer, task, out_dir, *, limit, batch_size, num_fewshot, include_path, seed):
-        calls.append(dict(task=task, limit=limit, batch_size=batch_size, num_fewshot=num_fewshot, seed=seed))
+    def run_lm_eval_task(model, tokenizer, task, out_dir, *, limit, batch_size, num_fewshot, include_path, seed,
+                         **extra):
+        calls.append(dict(task=task, limit=limit, batch_size=batch_size, num_fewshot=num_fewshot, seed=seed, **extra))
         return {"benchmark": f"lm_eval:{task}", "n": 3, "metrics": {"acc": {"mean": 0.5, "stderr": 0.1}}}
 
     fake = types.ModuleType("mft_bench.evaluation.lm_eval_task")
     fake.run_lm_eval_task = run_lm_eval_task
     monkeypatch.setitem(sys.modules, "mft_bench.evaluation.lm_eval_task", fake)
     metrics = runner.evaluate("model", "tok", "lm_eval:arc_easy", tmp_path, options={"num_fewshot": 5}, limit=3,
-                              batch_size=8, seed=1)
-    assert calls == [dict(task="arc_easy", limit=3, batch_size=8, num_fewshot=5, seed=1)]
+                              batch_size=8, seed=1, data_dir="/mirror")
+    assert calls == [dict(task="arc_easy", limit=3, batch_size=8, num_fewshot=5, seed=1, data_dir="/mirror")]
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics and metrics["n"] == 3
     runner.evaluate("model", "tok", "lm_eval:arc_easy", tmp_path)
     assert len(calls) == 1, "finished lm_eval results are reused"

@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 RECORDS_FILE = "records.jsonl"
 METRICS_FILE = "metrics.json"
 CHUNK_BATCHES = 4  # generate this many batches between two fsyncs of the records file
-LM_EVAL_OPTIONS = ("num_fewshot", "include_path")
+LM_EVAL_OPTIONS = ("num_fewshot", "include_path", "gen_kwargs", "bootstrap_iters")
 
 
 # -- small pure helpers ---------------------------------------------------------------------------------------
@@ -204,7 +204,7 @@ def evaluate(
     torch.manual_seed(seed)
     if is_lm_eval(benchmark):
         return _evaluate_lm_eval(model, tokenizer, benchmark, out_dir, options=options, limit=limit,
-                                 batch_size=batch_size, model_path=model_path, seed=seed)
+                                 batch_size=batch_size, model_path=model_path, seed=seed, data_dir=data_dir)
 
     bench = make_benchmark(benchmark, options, data_dir)
     items = bench.items(limit)
@@ -276,6 +276,7 @@ def _evaluate_lm_eval(
     batch_size: int,
     model_path: str | None,
     seed: int,
+    data_dir: str | None,
 ) -> dict[str, Any]:
     """``lm_eval:<task>``: lm-eval runs the whole loop; its metrics dict is written as metrics.json (last)."""
     options = dict(options or {})
@@ -288,9 +289,13 @@ def _evaluate_lm_eval(
         model, tokenizer = _load(model_path, tokenizer)
     from mft_bench.evaluation.lm_eval_task import run_lm_eval_task
 
+    # Options are passed only when given, so lm_eval_task's own defaults (e.g. bootstrap_iters) apply otherwise.
+    extra = {key: options[key] for key in ("gen_kwargs", "bootstrap_iters") if key in options}
+    if data_dir is not None:
+        extra["data_dir"] = data_dir
     result = run_lm_eval_task(
         model, tokenizer, lm_eval_task(benchmark), out_dir, limit=limit, batch_size=batch_size,
-        num_fewshot=options.get("num_fewshot"), include_path=options.get("include_path"), seed=seed,
+        num_fewshot=options.get("num_fewshot"), include_path=options.get("include_path"), seed=seed, **extra,
     )
     metrics_path = out_dir / METRICS_FILE
     if metrics_path.exists():  # the task module wrote it itself: never overwrite

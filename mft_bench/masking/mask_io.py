@@ -106,12 +106,29 @@ def save_masks(
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=header)
+        _sort_header(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     logger.info("saved %d masks to %s (%.4f bits per masked weight)", len(masks), path, bits_per_weight(path))
     return path
+
+
+def _sort_header(path: Path) -> None:
+    """Rewrite the safetensors JSON header with sorted keys, in place and at the same length.
+
+    safetensors writes ``__metadata__`` from a hash map, in an order that changes between processes; sorting
+    makes two runs of the same seed produce byte-identical mask files.
+    """
+    with open(path, "r+b") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(size))
+        canonical = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        if len(canonical) > size:  # cannot happen for a compact header; keep the file as written
+            return
+        handle.seek(8)
+        handle.write(canonical + b" " * (size - len(canonical)))
 
 
 def read_mask_metadata(path: str | os.PathLike) -> dict:

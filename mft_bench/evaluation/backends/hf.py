@@ -172,21 +172,27 @@ class HFBackend:
                     use_cache=True, **extra)
         cache = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
         last = positions[:, -1]
+        # Rows stay in the batch while alive; a cache that cannot drop rows keeps finished ones, ignored.
+        alive = torch.ones(len(requests), dtype=torch.bool)
+        prunable = hasattr(cache, "batch_select_indices")
         while True:
             logits = out.logits[:, -1].float()
             scores = sampler(logits, active) if sampler is not None else logits
             next_tokens = scores.argmax(-1).cpu()
             for j, row in enumerate(active.tolist()):
-                generated[row].append(int(next_tokens[j]))
+                if alive[j]:
+                    generated[row].append(int(next_tokens[j]))
             finished = torch.isin(next_tokens, eos)
             finished |= torch.tensor([len(generated[row]) for row in active.tolist()]) >= max_new[active]
-            self._mark_stops(finished, active, generated, stops, window)
-            if bool(finished.all()):
+            finished &= alive
+            self._mark_stops(finished, active, generated, stops, window, alive)
+            alive &= ~finished
+            if not bool(alive.any()):
                 return generated
-            if bool(finished.any()) and hasattr(cache, "batch_select_indices"):
-                keep = (~finished).nonzero().squeeze(-1)
+            if prunable and not bool(alive.all()):
+                keep = alive.nonzero().squeeze(-1)
                 cache.batch_select_indices(keep.to(device))
-                active, next_tokens = active[keep], next_tokens[keep]
+                active, next_tokens, alive = active[keep], next_tokens[keep], alive[keep]
                 mask, last = mask[keep.to(device)], last[keep.to(device)]
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
             last = last + 1
@@ -195,14 +201,14 @@ class HFBackend:
 
     def _mark_stops(
         self, finished: torch.Tensor, active: torch.Tensor, generated: list[list[int]],
-        stops: list[tuple[str, ...]], window: int,
+        stops: list[tuple[str, ...]], window: int, alive: torch.Tensor,
     ) -> None:
         """Set ``finished`` for rows whose completion now contains one of their stop strings.
 
         Only the completion is searched. A stop ending in the newest token lies within the last ``window``
         tokens: a token decodes to at least one character except partial UTF-8 bytes, hence the margin.
         """
-        check = [j for j, row in enumerate(active.tolist()) if stops[row] and not finished[j]]
+        check = [j for j, row in enumerate(active.tolist()) if stops[row] and alive[j] and not finished[j]]
         if not check:
             return
         rows = [int(active[j]) for j in check]

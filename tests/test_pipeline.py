@@ -1,0 +1,181 @@
+"""The pipeline end to end on a tiny model: caching, --force, SIGKILL-and-resume, determinism."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mft_bench.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+MINI = {
+    "name": "mini",
+    "seed": 0,
+    "backbone": {"name": "tiny:llama"},
+    "data": {"sources": [{"name": "synthetic_math", "rows": 24}], "validation_rows": 4, "max_length": 192},
+    "arms": ["baseline", "fft", "mft", "random_mask"],
+    "mask": {"layers": [2, 3], "mask_ratio": 0.1},
+    "fft": {"epochs": 2, "learning_rate": 1e-3, "per_device_batch_size": 2, "gradient_accumulation_steps": 1,
+            "warmup_ratio": 0.0, "resume_every_steps": 2},
+    "mft": {"epochs": 2, "learning_rate": 1e-2, "per_device_batch_size": 2, "gradient_accumulation_steps": 1,
+            "warmup_ratio": 0.0, "resume_every_steps": 2},
+    "evaluation": {"batch_size": 4, "benchmarks": [{"name": "synthetic_math", "options": {"n": 6, "max_new_tokens": 48}}]},
+}
+
+
+def _recipe(tmp_path: Path) -> Path:
+    path = tmp_path / "mini.yaml"
+    path.write_text(yaml.safe_dump(MINI))
+    return path
+
+
+def _outputs(run_dir: Path) -> dict[str, bytes]:
+    """Every per-item record and metrics file of a run, by stage folder name (hashes included)."""
+    files = {}
+    for path in sorted((run_dir / "stages").glob("*/*")):
+        if path.name in ("records.jsonl", "metrics.json", "masks.safetensors"):
+            files[f"{path.parent.name}/{path.name}"] = path.read_bytes()
+    return files
+
+
+def _cli(*args) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "mft_bench.cli", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+SECRET = "hf_secret_value_that_must_not_leak_42"
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("reference")
+    recipe = _recipe(tmp)
+    saved = os.environ.get("HF_TOKEN")
+    os.environ["HF_TOKEN"] = SECRET
+    try:
+        assert main(["run", str(recipe), "--out", str(tmp / "run")]) == 0
+    finally:
+        if saved is None:
+            os.environ.pop("HF_TOKEN")
+        else:
+            os.environ["HF_TOKEN"] = saved
+    return recipe, tmp / "run"
+
+
+def test_no_secret_in_any_result_file(reference_run):
+    _, run_dir = reference_run
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+    provenance = json.loads((run_dir / "run.json").read_text())["provenance"]
+    assert set(provenance) == {"git_commit", "packages", "data_hashes", "prompt_versions"}
+    assert provenance["data_hashes"]["training_data"] and provenance["prompt_versions"]["synthetic_math"]
+
+
+def test_run_writes_report_for_every_arm(reference_run):
+    _, run_dir = reference_run
+    report = json.loads((run_dir / "report.json").read_text())
+    arms = {row["arm"] for row in report["rows"]}
+    assert {"baseline", "fft", "mft", "random_mask"} <= arms or {"pretrained", "fft", "mft", "random_mask"} <= arms
+    for row in report["rows"]:
+        assert row["n"] == 6 and row["ci_low"] <= row["value"] <= row["ci_high"]
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["provenance"]["packages"]["torch"] != "absent"
+    assert set(run["masks"]) == {"mft", "random_mask"}
+    for ext in ("json", "md", "csv", "tex"):
+        assert (run_dir / f"report.{ext}").stat().st_size > 0
+
+
+def test_mft_mask_learned_and_baseline_count_matches(reference_run):
+    from mft_bench.masking import load_masks
+
+    _, run_dir = reference_run
+    run = json.loads((run_dir / "run.json").read_text())
+    mft = load_masks(run_dir / run["masks"]["mft"])
+    random = load_masks(run_dir / run["masks"]["random_mask"])
+    assert mft.keys() == random.keys()
+    for name in mft:
+        assert int((~mft[name]).sum()) == int((~random[name]).sum()) == round(0.1 * mft[name].numel())
+
+
+def test_rerun_is_fully_cached(reference_run, capsys):
+    recipe, run_dir = reference_run
+    before = _outputs(run_dir)
+    start = time.perf_counter()
+    assert main(["run", str(recipe), "--out", str(run_dir)]) == 0
+    assert time.perf_counter() - start < 30
+    out = capsys.readouterr().out
+    assert "running" not in out and out.count("cached") >= 8
+    assert _outputs(run_dir) == before
+
+
+def test_force_redoes_stage_and_dependents_keeping_the_old(reference_run, tmp_path, capsys):
+    recipe, run_dir = reference_run
+    copy = tmp_path / "run"
+    subprocess.run(["cp", "-a", str(run_dir), str(copy)], check=True)
+    assert main(["run", str(recipe), "--out", str(copy), "--force", "mft"]) == 0
+    out = capsys.readouterr().out
+    assert "[running] mft" in out and "[running] eval-mft-last-synthetic_math" in out
+    assert "[running] fft" not in out and "[running] eval-fft" not in out
+    superseded = sorted(p.name for p in (copy / "stages" / ".superseded").iterdir())
+    assert any(name.startswith("mft-") for name in superseded)
+    assert any(name.startswith("eval-mft-") for name in superseded)
+    assert _outputs(copy) == _outputs(run_dir)  # deterministic on CPU
+
+
+def _kill_when(proc: subprocess.Popen, run_dir: Path, pattern: str, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if list(run_dir.glob(pattern)):
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"run finished before '{pattern}' appeared: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"'{pattern}' never appeared")
+
+
+@pytest.mark.parametrize("kill_at", [
+    "stages/fft-*/work/checkpoint-*",          # mid-training, after a resume checkpoint
+    "stages/mft-*/work/checkpoint-*",          # mid-MFT
+    "stages/eval-fft-last-*/records.jsonl",    # mid-evaluation
+])
+def test_sigkill_then_rerun_gives_identical_results(reference_run, tmp_path, kill_at):
+    recipe, reference_dir = reference_run
+    run_dir = tmp_path / "run"
+    _kill_when(_cli("run", str(recipe), "--out", str(run_dir)), run_dir, kill_at)
+    finished = _cli("run", str(recipe), "--out", str(run_dir))
+    _, err = finished.communicate(timeout=600)
+    assert finished.returncode == 0, err[-3000:]
+    assert _outputs(run_dir) == _outputs(reference_dir)
+    report = json.loads((run_dir / "report.json").read_text())
+    reference = json.loads((reference_dir / "report.json").read_text())
+    assert report["rows"] == reference["rows"] and report["comparisons"] == reference["comparisons"]
+
+
+def test_intermediate_checkpoints_are_selected_on_validation(tmp_path):
+    recipe = {**MINI, "name": "mini-ckpt", "arms": ["baseline", "fft", "mft"]}
+    recipe["fft"] = {**MINI["fft"], "save_every": 0.5}
+    recipe["mft"] = {**MINI["mft"], "save_every": 0.5}
+    recipe["evaluation"] = {**MINI["evaluation"], "checkpoints": "all"}
+    path = tmp_path / "ckpt.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["run", str(path), "--out", str(tmp_path / "run")]) == 0
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    for arm in ("fft", "mft"):
+        test_steps = sorted(e["step"] for e in run["evaluations"] if e["arm"] == arm and e["split"] == "test")
+        val_steps = sorted(e["step"] for e in run["evaluations"] if e["arm"] == arm and e["split"] == "validation")
+        assert len(test_steps) >= 2 and test_steps == val_steps  # every checkpoint on test and on validation
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    arms = {row["arm"] for row in report["rows"]}
+    assert {"fft", "fft@val", "mft", "mft@val"} <= arms
