@@ -15,6 +15,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from mft_bench.atomic import write_json_atomic
 from mft_bench.errors import MftBenchError
 from mft_bench.plan import (
     Stage,
@@ -24,7 +25,6 @@ from mft_bench.plan import (
     package_versions,
     retire_folder,
     stages_to_force,
-    write_json_atomic,
 )
 from mft_bench.recipe import Recipe, recipe_yaml
 

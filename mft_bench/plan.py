@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mft_bench.atomic import write_json_atomic
 from mft_bench.errors import MftBenchError
 from mft_bench.recipe import Recipe, stable_hash
 
@@ -182,17 +182,6 @@ def retire_folder(folder: Path) -> Path | None:
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(folder), str(target))
     return target
-
-
-def write_json_atomic(path: Path, value: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as handle:
-        json.dump(value, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def finish_stage(stage: Stage, outputs: dict[str, Any]) -> None:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from mft_bench.data.offline import data_dir as offline_data_dir
+from mft_bench.atomic import write_text_atomic
 from mft_bench.errors import MftBenchError
 from mft_bench.evaluation.ifeval import NLTK_FIX, suppress_nltk_download
 
@@ -161,8 +162,8 @@ def run_lm_eval_task(
     records = samples_to_records(results.get("samples", {}))
     metrics = results_to_metrics(task, results, records, limit=limit, num_fewshot=num_fewshot)
     metrics["gen_kwargs"] = gen_kwargs
-    _atomic_write(out_dir / "records.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    _atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(out_dir / "records.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
     return metrics
 
 
@@ -315,17 +316,3 @@ def results_to_metrics(
         "limit": limit,
         "num_fewshot": num_fewshot,
     }
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace`` (no half-written files)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

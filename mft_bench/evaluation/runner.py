@@ -26,6 +26,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from mft_bench.atomic import write_text_atomic
 from mft_bench.errors import MftBenchError
 from mft_bench.evaluation.base import Benchmark, Item
 from mft_bench.evaluation.registry import is_lm_eval, lm_eval_task, make_benchmark, validate_benchmark_name
@@ -67,28 +68,7 @@ def dumps_metrics(metrics: dict[str, Any]) -> str:
     return json.dumps(_plain(metrics), sort_keys=True, ensure_ascii=False, indent=2, allow_nan=False) + "\n"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same folder and ``os.replace`` (all or nothing)."""
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+write_atomic = write_text_atomic  # records and metrics go through the one atomic writer
 
 
 def load_records(path: Path, items: list[Item]) -> dict[str, dict[str, Any]]:

@@ -12,12 +12,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mft_bench.atomic import write_bytes_atomic, write_text_atomic
 from mft_bench.errors import MftBenchError
 
 log = logging.getLogger(__name__)
@@ -282,26 +281,9 @@ def read_log_history(path: Path) -> list[dict[str, Any]]:
     return [entry for entry in data if isinstance(entry, dict)]
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: Path, text: str) -> Path:
-    """UTF-8 text version of :func:`atomic_write_bytes`."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
+# the report modules write through the project's one atomic writer
+atomic_write_bytes = write_bytes_atomic
+atomic_write_text = write_text_atomic
 
 
 def dumps_json(data: Any) -> str:
