@@ -11,6 +11,7 @@ import copy
 import gc
 import json
 import logging
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -122,13 +123,9 @@ def run_data_stage(recipe: Recipe, stage: Stage, models: ModelCache) -> dict[str
     counts = {}
     for split, conversations in splits.items():
         dataset = tokenize_conversations(conversations, models.tokenizer(), max_length=recipe.data.max_length)
-        tmp = stage.folder / f".{split}.tmp"
-        if tmp.exists():
-            import shutil
-
-            shutil.rmtree(tmp)
+        tmp = _fresh_tmp_dir(stage.folder / split)
         dataset.save_to_disk(str(tmp))
-        tmp.rename(stage.folder / split)
+        _replace_dir(tmp, stage.folder / split)
         counts[split] = {"conversations": len(conversations), "rows": len(dataset),
                          "tokens": int(sum(len(ids) for ids in dataset["input_ids"]))}
     data_hash = _hash_conversations(splits)
@@ -164,17 +161,26 @@ def _mask_spec(recipe: Recipe):
                     seed=recipe.seed, mode=m.mode)
 
 
-def _save_model_atomic(model, tokenizer, folder: Path) -> None:
-    import shutil
-
-    tmp = folder.with_name(f".{folder.name}.tmp")
+def _fresh_tmp_dir(target: Path) -> Path:
+    """A sibling temporary folder for ``target``, emptied of what a killed attempt may have left."""
+    tmp = target.with_name(f".{target.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
+    return tmp
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    """Move a completely written folder into place (the stage is unfinished, so an old copy is a leftover)."""
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+
+
+def _save_model_atomic(model, tokenizer, folder: Path) -> None:
+    tmp = _fresh_tmp_dir(folder)
     model.save_pretrained(tmp)  # safetensors (the only format in transformers 5)
     tokenizer.save_pretrained(tmp)
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
+    _replace_dir(tmp, folder)
 
 
 def _checkpoint_names(result, stage: Stage) -> list[dict[str, Any]]:
