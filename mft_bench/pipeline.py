@@ -270,6 +270,15 @@ def _arm_model(stage: Stage, stages: dict[str, Stage], models: ModelCache):
     return load_model_folder(folder, models.recipe.backbone.dtype), folder
 
 
+def _on_accelerator(model):
+    """Every arm is evaluated on the same device: the GPU when there is one (Trainer left trained arms there)."""
+    import torch
+
+    if torch.cuda.is_available() and next(model.parameters()).device.type == "cpu":
+        model = model.to("cuda")
+    return model
+
+
 def run_eval_stage(recipe: Recipe, stage: Stage, stages: dict[str, Stage], models: ModelCache) -> dict[str, Any]:
     from mft_bench.evaluation.runner import evaluate
 
@@ -281,6 +290,7 @@ def run_eval_stage(recipe: Recipe, stage: Stage, stages: dict[str, Stage], model
         folder = stages[stage.arm].folder / "model" if stage.arm != "baseline" else Path(recipe.backbone.name)
     else:
         model, folder = _arm_model(stage, stages, models)
+        model = _on_accelerator(model)
         if backend == "vllm" and folder is None:  # an in-memory MFT checkpoint: export it for the engine
             folder = stage.folder / "model"
             if not folder.is_dir():
