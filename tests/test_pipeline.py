@@ -179,3 +179,17 @@ def test_intermediate_checkpoints_are_selected_on_validation(tmp_path):
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     arms = {row["arm"] for row in report["rows"]}
     assert {"fft", "fft@val", "mft", "mft@val"} <= arms
+
+
+def test_lm_eval_task_through_the_pipeline(tmp_path, shared_data, monkeypatch):
+    monkeypatch.setenv("MFT_BENCH_DATA_DIR", str(shared_data))
+    recipe = {**MINI, "name": "mini-lm-eval", "arms": ["baseline"],
+              "evaluation": {"batch_size": 4, "benchmarks": [
+                  {"name": "lm_eval:gsm8k_local", "limit": 2,
+                   "options": {"num_fewshot": 0, "gen_kwargs": {"max_gen_toks": 8}}}]}}
+    path = tmp_path / "lm_eval.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["run", str(path), "--out", str(tmp_path / "run")]) == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    rows = [row for row in report["rows"] if row["benchmark"] == "lm_eval:gsm8k_local"]
+    assert rows and all(row["n"] == 2 for row in rows)
