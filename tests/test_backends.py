@@ -176,3 +176,15 @@ def test_cache_without_row_dropping_gives_same_results(models, tokenizer, monkey
         if isinstance(cls, type) and "batch_select_indices" in vars(cls):
             monkeypatch.delattr(cls, "batch_select_indices")
     assert backend.generate(requests) == pruned
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_refilled_batches_match_one_at_a_time(models, tokenizer, arch):
+    # Varied lengths and stops: rows finish at different steps, so pending rows are merged into a running batch
+    # (of other widths); greedy and sampled results must not notice.
+    requests = [GenerationRequest(p, max_new_tokens=2 + (5 * i) % 17, stop=("e",) if i % 3 == 0 else ())
+                for i, p in enumerate(prompts(20))]
+    requests += [GenerationRequest(p, max_new_tokens=3 + i % 11, temperature=0.8, n=2) for i, p in enumerate(prompts(9))]
+    alone = [HFBackend(models[arch], tokenizer, batch_size=1, seed=3).generate([r])[0] for r in requests]
+    for bs in (4, 8):
+        assert HFBackend(models[arch], tokenizer, batch_size=bs, seed=3).generate(requests) == alone, bs

@@ -1,14 +1,17 @@
 """In-process generation with a transformers model: batched, left-padded, length-sorted.
 
 Why each choice:
-- Requests are sorted by prompt length (longest first, so an out-of-memory shows in the first batch) and
-  batched, which keeps padding small; results are put back in the caller's order.
+- Requests are grouped by sampling settings and sorted by prompt length (longest first, so an out-of-memory
+  shows early); results are put back in the caller's order.
 - Left padding with an attention mask, position ids derived from the mask (as ``generate`` does), so a padded
   row sees the same positions as the same prompt alone.
-- Our own token loop over the KV cache instead of ``generate``: a row that is finished (EOS, its stop string,
-  its own ``max_new_tokens``) is dropped from the batch at once (``Cache.batch_select_indices``), where
-  ``generate`` keeps computing it until the batch's longest row ends; for GSM8K-style answers that is about
-  half of all row-steps. Greedy outputs equal ``model.generate``'s (tested).
+- Our own token loop over the KV cache instead of ``generate`` (continuous batching): a row that is finished
+  (EOS, its stop string, its own ``max_new_tokens``) leaves the batch at once, where ``generate`` keeps
+  computing it until the batch's longest row ends (for GSM8K-style answers about half of all row-steps), and
+  pending prompts are prefilled and merged into the running cache (left-padded to a common width) as soon as a
+  quarter of the batch is free, so the batch stays full until the last rows. The cache's keys/values live in
+  preallocated buffers, so a step writes one column instead of re-copying the cache. Greedy outputs equal
+  ``model.generate``'s (tested). A cache other than a plain ``DynamicCache`` falls back to fixed batches.
 - Greedy results do not depend on the batch size, up to floating-point reduction order (a padded row runs a
   longer, zero-weighted key range and other matmul shapes; on CPU fp32 this has not changed an argmax in our
   tests, but a near-tie between two logits could in principle flip).
@@ -36,6 +39,44 @@ from mft_bench.evaluation.backends import truncate_at_stop
 from mft_bench.evaluation.base import GenerationRequest
 
 logger = logging.getLogger(__name__)
+
+try:  # transformers >= 4.56: caches made of per-layer objects
+    from transformers.cache_utils import DynamicLayer
+except ImportError:  # older: no row merging, finished rows stay in the batch
+    DynamicLayer = None
+
+if DynamicLayer is not None:
+
+    class _BufferedLayer(DynamicLayer):
+        """A ``DynamicLayer`` whose keys/values are views into preallocated buffers with room to grow: a decode
+        step writes one column in place instead of re-copying the whole cache (``torch.cat``) as
+        ``DynamicLayer.update`` does. Values are the same; only the storage differs."""
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+            used, extra = self.keys.shape[-2], key_states.shape[-2]
+            if used + extra > self.key_buffer.shape[-2]:
+                _allocate(self, used + extra + max(extra, 64))
+            self.key_buffer[:, :, used:used + extra] = key_states
+            self.value_buffer[:, :, used:used + extra] = value_states
+            self.keys = self.key_buffer[:, :, :used + extra]
+            self.values = self.value_buffer[:, :, :used + extra]
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            used = self.keys.shape[-2]
+            self.key_buffer = self.key_buffer.index_select(0, indices)
+            self.value_buffer = self.value_buffer.index_select(0, indices)
+            self.keys, self.values = self.key_buffer[:, :, :used], self.value_buffer[:, :, :used]
+
+    def _allocate(layer: Any, capacity: int) -> None:
+        """(Re)place ``layer``'s keys/values in buffers of ``capacity`` columns."""
+        used = layer.keys.shape[-2]
+        shape = (*layer.keys.shape[:2], capacity, layer.keys.shape[-1])
+        layer.key_buffer = layer.keys.new_empty(shape)
+        layer.value_buffer = layer.values.new_empty(shape)
+        layer.key_buffer[:, :, :used] = layer.keys
+        layer.value_buffer[:, :, :used] = layer.values
+        layer.keys, layer.values = layer.key_buffer[:, :, :used], layer.value_buffer[:, :, :used]
 
 
 @dataclass(frozen=True)
@@ -123,99 +164,148 @@ class HFBackend:
         """``n`` completions per request, in request order (stop strings applied, prompt excluded)."""
         encoded = [_Encoded(i, r, self.encode(r)) for i, r in enumerate(requests)]
         results: list[list[str] | None] = [None] * len(requests)
-        for batch in plan_batches(encoded, self.batch_size):
-            for enc, outs in zip(batch, self._generate_batch(batch)):
+        for group in plan_groups(encoded):
+            for enc, outs in zip(group, self._generate_group(group)):
                 results[enc.index] = outs
         return [r if r is not None else [] for r in results]
 
-    # -- one batch -------------------------------------------------------------------------------------------
-    def _generate_batch(self, batch: list[_Encoded]) -> list[list[str]]:
-        first = batch[0].request
+    # -- one group of requests with the same sampling settings ------------------------------------------------
+    def _generate_group(self, group: list[_Encoded]) -> list[list[str]]:
+        first = group[0].request
         sampling = first.temperature > 0
         n_rows = first.n if sampling else 1  # greedy: one sequence, copied n times
-        rows = [(enc, k) for enc in batch for k in range(n_rows)]
-        width = max(len(enc.ids) for enc in batch)
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, (enc, _) in enumerate(rows):
-            if enc.ids:
-                input_ids[r, width - len(enc.ids):] = torch.tensor(enc.ids)
-                attention_mask[r, width - len(enc.ids):] = 1
+        rows = [(enc, k) for enc in group for k in range(n_rows)]
         sampler = None
         if sampling:
             sampler = _Sampler(first.temperature, first.top_p, [row_seed(self.seed, enc.ids, k) for enc, k in rows])
         self.model.eval()
         with torch.inference_mode():
-            tokens = self._decode_rows(input_ids, attention_mask, [enc.request for enc, _ in rows], sampler)
+            tokens = self._decode_rows([enc.ids for enc, _ in rows], [enc.request for enc, _ in rows], sampler)
         completions = [self._decode(tokens[r], enc.request) for r, (enc, _) in enumerate(rows)]
-        grouped = [completions[i * n_rows:(i + 1) * n_rows] for i in range(len(batch))]
+        grouped = [completions[i * n_rows:(i + 1) * n_rows] for i in range(len(group))]
         if not sampling:
-            grouped = [g * enc.request.n for g, enc in zip(grouped, batch)]
+            grouped = [g * enc.request.n for g, enc in zip(grouped, group)]
         return grouped
 
+    def _prefill(self, prompts: list[list[int]]) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Left-padded forward pass over ``prompts``: (cache, attention mask, last positions, last logits)."""
+        device = _device(self.model)
+        width = max(len(ids) for ids in prompts)
+        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for r, ids in enumerate(prompts):
+            if ids:
+                input_ids[r, width - len(ids):] = torch.tensor(ids)
+                mask[r, width - len(ids):] = 1
+        mask = mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        extra = {"logits_to_keep": 1} if self._accepts("logits_to_keep") else {}  # last logits only
+        out = self.model(input_ids=input_ids.to(device), attention_mask=_unless_all_ones(mask),
+                         position_ids=positions, use_cache=True, **extra)
+        cache = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
+        return cache, mask, positions[:, -1], out.logits[:, -1].float()
+
     def _decode_rows(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, requests: list[GenerationRequest],
-        sampler: _Sampler | None,
+        self, prompts: list[list[int]], requests: list[GenerationRequest], sampler: _Sampler | None,
     ) -> list[list[int]]:
-        """Token-by-token decoding over the KV cache; each row leaves the batch as soon as it is finished."""
-        model, device = self.model, _device(self.model)
-        eos = torch.tensor(self.eos_ids or [-1])
-        max_new = torch.tensor([r.max_new_tokens for r in requests])
+        """Token-by-token decoding over one KV cache, at most ``batch_size`` rows at a time, in row order.
+
+        A finished row leaves the batch at once, and pending rows are admitted (prefilled, then merged into the
+        cache) once a quarter of the batch is free, so the batch stays nearly full until the last rows. A row's
+        tokens depend only on its own prompt (and seed): every row has its own positions, mask and generator.
+        A cache that cannot be merged or pruned (not a plain ``DynamicCache``) keeps finished rows, ignored,
+        and takes new rows only once its whole batch is finished.
+        """
+        device = _device(self.model)
+        eos = set(self.eos_ids)
         stops = [r.stop for r in requests]
         window = 4 * max((len(s) for row in stops for s in row), default=0) + 8
         generated: list[list[int]] = [[] for _ in requests]
-        active = torch.arange(len(requests))  # original row of each row still in the batch
-        mask = attention_mask.to(device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        extra = {"logits_to_keep": 1} if self._accepts("logits_to_keep") else {}  # prefill: last logits only
-        out = model(input_ids=input_ids.to(device), attention_mask=_unless_all_ones(mask), position_ids=positions,
-                    use_cache=True, **extra)
-        cache = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
-        last = positions[:, -1]
-        # Rows stay in the batch while alive; a cache that cannot drop rows keeps finished ones, ignored.
-        alive = torch.ones(len(requests), dtype=torch.bool)
-        prunable = hasattr(cache, "batch_select_indices")
+        pending = list(range(len(requests)))  # already longest prompt first
+        pending.reverse()  # pop() from the end
+        refill_at = max(1, self.batch_size // 4)
+        cache: Any = None
+        mergeable = False
+        active: list[int] = []  # row of each batch position
+        alive: list[bool] = []  # False: finished, kept only in a cache that cannot drop rows
+        mask = last = None
+        next_tokens: list[int] = []
+
+        def pick(logits: torch.Tensor, batch_rows: list[int]) -> list[int]:
+            scores = sampler(logits, torch.tensor(batch_rows)) if sampler is not None else logits
+            return scores.argmax(-1).tolist()
+
+        def accept(batch_rows: list[int], toks: list[int], live: list[bool]) -> list[bool]:
+            """Record each live row's token; return which rows are finished now."""
+            done = [False] * len(batch_rows)
+            check = []
+            for j, (row, tok) in enumerate(zip(batch_rows, toks)):
+                if not live[j]:
+                    continue
+                generated[row].append(tok)
+                if tok in eos or len(generated[row]) >= requests[row].max_new_tokens:
+                    done[j] = True
+                elif stops[row]:
+                    check.append(j)
+            if check:
+                tails = self.tokenizer.batch_decode([generated[batch_rows[j]][-window:] for j in check],
+                                                    skip_special_tokens=True)
+                for j, tail in zip(check, tails):
+                    if any(s and s in tail for s in stops[batch_rows[j]]):
+                        done[j] = True
+            return done
+
         while True:
-            logits = out.logits[:, -1].float()
-            scores = sampler(logits, active) if sampler is not None else logits
-            next_tokens = scores.argmax(-1).cpu()
-            for j, row in enumerate(active.tolist()):
-                if alive[j]:
-                    generated[row].append(int(next_tokens[j]))
-            finished = torch.isin(next_tokens, eos)
-            finished |= torch.tensor([len(generated[row]) for row in active.tolist()]) >= max_new[active]
-            finished &= alive
-            self._mark_stops(finished, active, generated, stops, window, alive)
-            alive &= ~finished
-            if not bool(alive.any()):
+            while pending and (cache is None or (
+                    mergeable and self.batch_size - len(active) >= min(refill_at, len(pending)))):
+                new_rows = [pending.pop() for _ in range(min(self.batch_size - len(active), len(pending)))]
+                new_cache, new_mask, new_last, logits = self._prefill([prompts[r] for r in new_rows])
+                new_tokens = pick(logits, new_rows)
+                done = accept(new_rows, new_tokens, [True] * len(new_rows))
+                if cache is None:
+                    mergeable = _mergeable(new_cache)
+                if not mergeable:  # a fresh batch (the cache was empty); finished rows stay, ignored
+                    cache, mask, last = new_cache, new_mask, new_last
+                    active, next_tokens, alive = new_rows, new_tokens, [not d for d in done]
+                else:
+                    keep = [j for j, d in enumerate(done) if not d]
+                    if keep:
+                        if len(keep) < len(new_rows):
+                            new_cache, new_mask, new_last = _select(new_cache, new_mask, new_last, keep, device)
+                        if cache is None:
+                            cache, mask, last = new_cache, new_mask, new_last
+                        else:
+                            cache, mask = _merge(cache, mask, new_cache, new_mask)
+                            last = torch.cat([last, new_last])
+                        _buffer(cache, max(requests[r].max_new_tokens for r in active + new_rows))
+                        active = active + [new_rows[j] for j in keep]
+                        next_tokens = next_tokens + [new_tokens[j] for j in keep]
+                        alive = alive + [True] * len(keep)
+                if not any(alive):
+                    cache, active, alive, next_tokens = None, [], [], []
+            if not active:
                 return generated
-            if prunable and not bool(alive.all()):
-                keep = alive.nonzero().squeeze(-1)
-                cache.batch_select_indices(keep.to(device))
-                active, next_tokens, alive = active[keep], next_tokens[keep], alive[keep]
-                mask, last = mask[keep.to(device)], last[keep.to(device)]
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
             last = last + 1
-            out = model(input_ids=next_tokens[:, None].to(device), attention_mask=_unless_all_ones(mask),
-                        position_ids=last[:, None], use_cache=True, **{self._cache_arg: cache})
-
-    def _mark_stops(
-        self, finished: torch.Tensor, active: torch.Tensor, generated: list[list[int]],
-        stops: list[tuple[str, ...]], window: int, alive: torch.Tensor,
-    ) -> None:
-        """Set ``finished`` for rows whose completion now contains one of their stop strings.
-
-        Only the completion is searched. A stop ending in the newest token lies within the last ``window``
-        tokens: a token decodes to at least one character except partial UTF-8 bytes, hence the margin.
-        """
-        check = [j for j, row in enumerate(active.tolist()) if stops[row] and alive[j] and not finished[j]]
-        if not check:
-            return
-        rows = [int(active[j]) for j in check]
-        tails = self.tokenizer.batch_decode([generated[r][-window:] for r in rows], skip_special_tokens=True)
-        for j, row, tail in zip(check, rows, tails):
-            if any(s and s in tail for s in stops[row]):
-                finished[j] = True
+            out = self.model(input_ids=torch.tensor(next_tokens, device=device)[:, None],
+                             attention_mask=_unless_all_ones(mask), position_ids=last[:, None], use_cache=True,
+                             **{self._cache_arg: cache})
+            next_tokens = pick(out.logits[:, -1].float(), active)
+            done = accept(active, next_tokens, alive)
+            if not any(done):
+                continue
+            if mergeable:
+                keep = [j for j, d in enumerate(done) if not d]
+                active, next_tokens = [active[j] for j in keep], [next_tokens[j] for j in keep]
+                alive = [True] * len(keep)
+                if keep:
+                    cache, mask, last = _select(cache, mask, last, keep, device)
+                else:
+                    cache = None
+            else:
+                alive = [a and not d for a, d in zip(alive, done)]
+                if not any(alive):
+                    cache, active, alive = None, [], []
 
     def _accepts(self, name: str) -> bool:
         return name in self._forward_params
@@ -229,6 +319,16 @@ class HFBackend:
                 break
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         return truncate_at_stop(text, request.stop)
+
+
+def plan_groups(encoded: list[_Encoded]) -> list[list[_Encoded]]:
+    """Group requests by sampling settings, each group sorted longest prompt first (ties: request order)."""
+    groups: dict[tuple[float, float, int], list[_Encoded]] = {}
+    for enc in encoded:
+        r = enc.request
+        key = (0.0, 1.0, 1) if r.temperature <= 0 else (float(r.temperature), float(r.top_p), int(r.n))
+        groups.setdefault(key, []).append(enc)
+    return [sorted(groups[key], key=lambda e: (-len(e.ids), e.index)) for key in sorted(groups)]
 
 
 def plan_batches(encoded: list[_Encoded], batch_size: int) -> list[list[_Encoded]]:
@@ -247,6 +347,50 @@ def plan_batches(encoded: list[_Encoded], batch_size: int) -> list[list[_Encoded
         per_batch = max(1, batch_size // key[2])
         batches.extend(members[i:i + per_batch] for i in range(0, len(members), per_batch))
     return batches
+
+
+def _mergeable(cache: Any) -> bool:
+    """Whether rows can be dropped from and added to ``cache``: a plain ``DynamicCache`` (tensors per layer)."""
+    layers = getattr(cache, "layers", None)
+    return DynamicLayer is not None and bool(layers) and hasattr(cache, "batch_select_indices") and all(
+        type(layer) in (DynamicLayer, _BufferedLayer) and getattr(layer, "is_initialized", False) for layer in layers)
+
+
+def _buffer(cache: Any, room: int) -> None:
+    """Give every layer of ``cache`` preallocated room for ``room`` more columns (see ``_BufferedLayer``)."""
+    for layer in cache.layers:
+        layer.__class__ = _BufferedLayer
+        _allocate(layer, layer.keys.shape[-2] + room)
+
+
+def _select(cache: Any, mask: torch.Tensor, last: torch.Tensor, keep: list[int], device: torch.device):
+    """Keep the batch rows ``keep`` (cache, mask, last positions)."""
+    index = torch.tensor(keep, device=device)
+    cache.batch_select_indices(index)
+    return cache, mask[index], last[index]
+
+
+def _merge(cache: Any, mask: torch.Tensor, new_cache: Any, new_mask: torch.Tensor) -> tuple[Any, torch.Tensor]:
+    """Append the rows of ``new_cache`` to ``cache``, both left-padded to the longer of the two, then drop the
+    leading columns no row attends to (so the cache does not keep growing as rows come and go)."""
+    width = max(mask.shape[1], new_mask.shape[1])
+    mask = torch.cat([_pad_left(mask, width), _pad_left(new_mask, width)])
+    start = int(mask.any(0).int().argmax())  # first column some row attends to
+    mask = mask[:, start:]
+    for layer, new_layer in zip(cache.layers, new_cache.layers):
+        layer.keys = torch.cat([_pad_left(layer.keys, width, -2), _pad_left(new_layer.keys, width, -2)])[:, :, start:]
+        layer.values = torch.cat([_pad_left(layer.values, width, -2),
+                                  _pad_left(new_layer.values, width, -2)])[:, :, start:]
+    return cache, mask
+
+
+def _pad_left(t: torch.Tensor, width: int, dim: int = -1) -> torch.Tensor:
+    missing = width - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
 def _unless_all_ones(mask: torch.Tensor) -> torch.Tensor | None:
