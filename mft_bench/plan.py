@@ -64,15 +64,19 @@ def arm_artifact_stage(arm: str) -> str | None:
     return None if arm == "baseline" else arm
 
 
+def _place(stage: Stage, upstream: dict[str, str], env: dict[str, str], run_dir: Path) -> None:
+    """Content address of a stage: the hash of its key, its upstream stages' hashes and the package versions."""
+    stage.hash = stable_hash({"key": stage.key, "upstream": upstream, "env": env, "format": STAGE_FORMAT_VERSION})
+    stage.folder = run_dir / "stages" / f"{stage.name}-{stage.hash}"
+
+
 def build_plan(recipe: Recipe, run_dir: Path) -> list[Stage]:
     """All stages of a recipe in execution order, with hashes and folders (nothing is loaded or run)."""
     env = package_versions()
     stages: dict[str, Stage] = {}
 
     def add(stage: Stage) -> Stage:
-        upstream = {dep: stages[dep].hash for dep in stage.deps}
-        stage.hash = stable_hash({"key": stage.key, "upstream": upstream, "env": env, "format": STAGE_FORMAT_VERSION})
-        stage.folder = run_dir / "stages" / f"{stage.name}-{stage.hash}"
+        _place(stage, {dep: stages[dep].hash for dep in stage.deps}, env, run_dir)
         stages[stage.name] = stage
         return stage
 
@@ -127,9 +131,7 @@ def checkpoint_eval_stages(recipe: Recipe, run_dir: Path, train_stage: Stage, st
                "checkpoint": checkpoint, "prompt_version": _prompt_version(bench.name, options)}
         stage = Stage(f"{prefix}-{train_stage.arm}-{checkpoint}-{_slug(bench.name)}", "eval", key,
                       deps=[train_stage.name], arm=train_stage.arm, benchmark=bench.name, checkpoint=checkpoint)
-        stage.hash = stable_hash({"key": key, "upstream": {train_stage.name: train_stage.hash}, "env": env,
-                                  "format": STAGE_FORMAT_VERSION})
-        stage.folder = run_dir / "stages" / f"{stage.name}-{stage.hash}"
+        _place(stage, {train_stage.name: train_stage.hash}, env, run_dir)
         stages.append(stage)
 
     for step in steps:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from transformers import Trainer, TrainerCallback
 
+from mft_bench.masking.architectures import LLAMA_PROJECTIONS
 from mft_bench.train.config import LoraSettings, TrainConfig, TrainResult
 from mft_bench.train.trainer import (
     collect_exports,
@@ -20,7 +21,7 @@ from mft_bench.train.trainer import (
 
 logger = logging.getLogger(__name__)
 
-SEVEN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SEVEN_PROJECTIONS = LLAMA_PROJECTIONS  # the projections MFT masks by default are LoRA's targets too
 
 
 def default_target_modules(model) -> list[str] | str:
