@@ -25,6 +25,7 @@ from mft_bench.masking import (
     masked_module_names,
     refresh_masks,
     removed_count,
+    selection,
 )
 from mft_bench.masking.masked_linear import wrappers
 
@@ -144,6 +145,42 @@ def test_keep_mask_is_exact_under_ties():
         if 0 < n_remove <= 66:
             assert bool((flat.view(10, 10)[~mask] == 0).all())
     assert removed_count(10, 0.25) == round(2.5)
+
+
+def _reference_removed(flat: torch.Tensor, n_remove: int) -> set[int]:
+    return set(torch.sort(flat, stable=True).indices[:n_remove].tolist())
+
+
+@pytest.mark.parametrize("ratio", [0.001, 0.1, 0.5, 0.9, 0.999])
+def test_large_matrix_selection_equals_full_sort_when_untied(ratio):
+    # Above BRACKET_MIN_NUMEL the cut is bracketed from a sample; the removed set must still be exactly the
+    # n_remove smallest entries.
+    gen = torch.Generator().manual_seed(3)
+    values = torch.randn(300, 700, generator=gen).abs()
+    assert values.numel() >= selection.BRACKET_MIN_NUMEL
+    n_remove = removed_count(values.numel(), ratio)
+    mask = keep_mask(values, n_remove)
+    removed = set(torch.nonzero(~mask.reshape(-1)).squeeze(1).tolist())
+    assert removed == _reference_removed(values.reshape(-1), n_remove)
+
+
+def test_large_matrix_selection_exact_when_sample_misleads_or_ties():
+    n = 1 << 17
+    n_remove = removed_count(n, 0.1)
+    # The strided sample sees only large values: the bracket misses and the full topk must take over.
+    stride = (n // selection.SAMPLE_SIZE) | 1
+    misleading = torch.zeros(n)
+    misleading[::stride] = 10.0
+    misleading += torch.linspace(0, 1e-3, n)
+    # Massive ties across the cut: only the count is defined, and it must be exact.
+    tied = (torch.arange(n) % 7).float()
+    for values in (misleading, tied):
+        mask = keep_mask(values.view(256, -1), n_remove)
+        assert int((~mask).sum()) == n_remove
+        cut = torch.sort(values).values[n_remove - 1]
+        assert bool((values.view(256, -1)[~mask] <= cut).all()) and bool((values.view(256, -1)[mask] >= cut).all())
+    mask = keep_mask(misleading.view(256, -1), n_remove)
+    assert set(torch.nonzero(~mask.reshape(-1)).squeeze(1).tolist()) == _reference_removed(misleading, n_remove)
 
 
 def test_global_mode_removes_total_count_by_one_threshold():
