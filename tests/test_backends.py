@@ -188,3 +188,45 @@ def test_refilled_batches_match_one_at_a_time(models, tokenizer, arch):
     alone = [HFBackend(models[arch], tokenizer, batch_size=1, seed=3).generate([r])[0] for r in requests]
     for bs in (4, 8):
         assert HFBackend(models[arch], tokenizer, batch_size=bs, seed=3).generate(requests) == alone, bs
+
+
+def test_cpu_weights_are_input_major_while_generating_and_restored_after(models, tokenizer):
+    model = models["llama"]
+    output = model.get_output_embeddings().weight
+    linear = next(m for m in model.modules() if type(m) is torch.nn.Linear and m.weight is not output)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    layouts = []
+    handle = linear.register_forward_pre_hook(lambda mod, args: layouts.append(mod.weight.is_contiguous()))
+    try:
+        HFBackend(model, tokenizer).generate([GenerationRequest(p, max_new_tokens=2) for p in prompts(10)])
+    finally:
+        handle.remove()
+    assert layouts and not any(layouts), "linear weights should be stored input-major during generation"
+    assert output.is_contiguous()
+    for name, p in model.named_parameters():
+        assert p.is_contiguous() and torch.equal(p, before[name]), name
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_shared_prefix_runs_once_and_changes_no_result(models, tokenizer, arch, monkeypatch):
+    # A few-shot block shared by every prompt: computed once, then only each prompt's own tokens run.
+    shots = "Question: 2 plus 2?\nAnswer: 4.\n\nQuestion: 3 plus 5?\nAnswer: 8.\n\n"
+    requests = [GenerationRequest(shots + f"Question: {i * 7} plus {i}?" + " ok" * (i % 4) + "\nAnswer:",
+                                  max_new_tokens=3 + (5 * i) % 11, stop=("\n\n",)) for i in range(11)]
+    alone = [HFBackend(models[arch], tokenizer, batch_size=1).generate([r])[0] for r in requests]
+    model = models[arch]
+    widths = []
+    original = model.forward
+
+    def recording_forward(*args, **kwargs):
+        widths.append(kwargs["input_ids"].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", recording_forward)
+    backend = HFBackend(model, tokenizer, batch_size=4)
+    shared = len(backend.encode(GenerationRequest(shots + "Question: ")))
+    assert backend.generate(requests) == alone
+    prefills = [shape for shape in widths if shape[1] > 1]
+    assert prefills[0] == (1, shared)  # the prefix, once
+    longest_own = max(len(backend.encode(r)) for r in requests) - shared
+    assert all(width <= longest_own for _, width in prefills[1:]), prefills
