@@ -83,3 +83,34 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path):
     after_plain, after_gc = weights(plain.model), weights(checkpointed.model)
     for name, value in after_plain.items():
         torch.testing.assert_close(after_gc[name], value, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_logits_only_at_labelled_positions_give_the_same_loss_and_gradients(arch):
+    from peft import LoraConfig, get_peft_model
+
+    from mft_bench.train.trainer import labelled_logits_only, supports_labelled_logits
+
+    model, _ = tiny_setup(arch)
+    model.eval()  # no dropout: the two forwards must see the same network
+    ids = torch.randint(0, model.config.vocab_size, (3, 20), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :6] = -100  # prompt
+    labels[0, :11] = -100  # a longer prompt
+    labels[2, 15:] = -100  # right padding
+    assert supports_labelled_logits(model)
+    inputs = {"input_ids": ids, "labels": labels}
+    sliced = labelled_logits_only(inputs)
+    n_labelled = int((labels[:, 1:] != -100).sum())
+    full_out, sliced_out = model(**inputs), model(**sliced)
+    assert sliced_out.logits.shape[0] == n_labelled  # one row of logits per labelled token, no more
+    torch.testing.assert_close(sliced_out.loss, full_out.loss)
+    full_grads = torch.autograd.grad(full_out.loss, list(model.parameters()), allow_unused=True)
+    sliced_grads = torch.autograd.grad(sliced_out.loss, list(model.parameters()), allow_unused=True)
+    for a, b in zip(full_grads, sliced_grads):
+        if a is not None:
+            torch.testing.assert_close(a, b)
+    assert labelled_logits_only({"input_ids": ids}) == {"input_ids": ids}  # nothing to do without labels
+    lora = get_peft_model(model, LoraConfig(r=2, target_modules=["c_attn"] if arch == "gpt2" else ["q_proj"]))
+    assert supports_labelled_logits(lora)
+    torch.testing.assert_close(lora(**sliced).loss, lora(**inputs).loss)

@@ -6,15 +6,23 @@ with ``accelerate launch --config_file tasks/accelerate/<config>.yaml ...`` the 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+import torch.nn.functional as F
+from transformers import (
+    DataCollatorForSeq2Seq,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 from transformers.trainer_utils import has_length
 
 from mft_bench.errors import MftBenchError
@@ -31,8 +39,22 @@ RESUME_CHECKPOINTS_KEPT = 2
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
+IGNORE_INDEX = -100
+
+
 class ArmTrainer(Trainer):
-    """Trainer whose length-grouped data order is a pure function of (seed, epoch), so resumes replay it exactly."""
+    """Trainer whose length-grouped data order is a pure function of (seed, epoch), so resumes replay it exactly,
+    and which asks the model for logits only where a token is labelled (``labelled_logits_only``)."""
+
+    _labelled_logits: bool | None = None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self._labelled_logits is None:
+            self._labelled_logits = self.label_smoother is None and self.compute_loss_func is None and \
+                supports_labelled_logits(self.accelerator.unwrap_model(model))
+        if self._labelled_logits:
+            inputs = labelled_logits_only(inputs)
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -41,6 +63,33 @@ class ArmTrainer(Trainer):
         batch_size = self.args.train_batch_size * self.args.gradient_accumulation_steps
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         return EpochSeededLengthGroupedSampler(sequence_lengths(dataset), batch_size, seed)
+
+
+def supports_labelled_logits(model) -> bool:
+    """Whether the model's forward slices hidden states by a boolean ``logits_to_keep`` mask (transformers'
+    shared ``slice_logits_to_keep``) and passes ``shift_labels`` to its loss."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
+        return False
+    return getattr(sys.modules.get(type(base).__module__), "slice_logits_to_keep", None) is not None
+
+
+def labelled_logits_only(inputs: dict) -> dict:
+    """The same loss with logits only at positions whose next token is labelled.
+
+    With assistant-only labels half or more of the tokens are prompt; their vocabulary-sized logits (the largest
+    activation of a small model, 49k wide for SmolLM2) were computed, kept for backward and thrown away. The
+    boolean ``logits_to_keep`` selects per row; ``shift_labels`` are the matching targets, so the summed loss and
+    its token count (``num_items_in_batch``) are unchanged.
+    """
+    labels = inputs.get("labels")
+    if labels is None or "logits_to_keep" in inputs:
+        return inputs
+    shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+    keep = shifted != IGNORE_INDEX
+    if not bool(keep.any()):
+        return inputs
+    return {**inputs, "logits_to_keep": keep, "shift_labels": shifted[keep]}
 
 
 def release_gguf_quantizer(model, arm: str, *, allow_quantized: bool = False) -> None:
