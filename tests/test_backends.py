@@ -223,10 +223,49 @@ def test_shared_prefix_runs_once_and_changes_no_result(models, tokenizer, arch, 
         return original(*args, **kwargs)
 
     monkeypatch.setattr(model, "forward", recording_forward)
+    from mft_bench.evaluation.backends import hf
+
+    decode_calls = []
+    attention = hf.shared_prefix_attention
+
+    def counting_attention(module, query, *args, **kwargs):
+        decode_calls.append(query.shape[2] == 1 and hf._shared_columns.get() > 0)
+        return attention(module, query, *args, **kwargs)
+
+    monkeypatch.setattr(hf, "shared_prefix_attention", counting_attention)
     backend = HFBackend(model, tokenizer, batch_size=4)
     shared = len(backend.encode(GenerationRequest(shots + "Question: ")))
     assert backend.generate(requests) == alone
+    assert model.config._attn_implementation == "sdpa"  # restored after the shared-prefix decoding
+    assert any(decode_calls), "decode steps should attend to the shared prefix once per batch"
     prefills = [shape for shape in widths if shape[1] > 1]
     assert prefills[0] == (1, shared)  # the prefix, once
     longest_own = max(len(backend.encode(r)) for r in requests) - shared
     assert all(width <= longest_own for _, width in prefills[1:]), prefills
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_shared_prefix_attention_equals_sdpa(groups):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from mft_bench.evaluation.backends import hf
+
+    module = types.SimpleNamespace(num_key_value_groups=groups, training=False, is_causal=True)
+    batch, kv_heads, shared, columns, dim = 5, 2, 7, 12, 8
+    gen = torch.Generator().manual_seed(0)
+    key, value = (torch.randn(batch, kv_heads, columns, dim, generator=gen) for _ in range(2))
+    key[:, :, :shared], value[:, :, :shared] = key[0, :, :shared], value[0, :, :shared]  # the shared prefix
+    query = torch.randn(batch, kv_heads * groups, 1, dim, generator=gen)
+    mask = torch.ones(batch, 1, 1, columns, dtype=torch.bool)
+    mask[1, ..., shared:shared + 3] = False  # padding between the prefix and a row's own tokens
+    mask[3, ..., shared] = False
+    expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
+    token = hf._shared_columns.set(shared)
+    try:
+        got, _ = hf.shared_prefix_attention(module, query, key, value, mask, scaling=0.3)
+        float_mask = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+        got_float, _ = hf.shared_prefix_attention(module, query, key, value, float_mask, scaling=0.3)
+    finally:
+        hf._shared_columns.reset(token)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got_float, expected)
