@@ -558,10 +558,13 @@ def estimate_generation(
     batch_size: int,
     hardware: Hardware,
     dtype_bytes: int = 4,
+    shared_prompt_tokens: int = 0,
 ) -> Estimate:
     """Cost of generating ``new_tokens`` for each of ``sequences`` prompts of ``prompt_tokens`` tokens (greedy,
     KV cache, batches of ``batch_size``; every sequence assumed to run the full ``new_tokens``, an upper bound
-    when generation stops at EOS).
+    when generation stops at EOS). ``shared_prompt_tokens`` of each prompt are common to all (few-shot
+    exemplars): the ``hf`` backend prefills them once per batch and decode steps read their keys/values once
+    per batch, not once per row.
 
     Prefill is compute-bound: ``2N`` per prompt token (LM head on the last position only) plus attention. Each decode step costs the larger of
     ``2N * batch`` FLOPs and streaming the weights and KV cache (GPU; on CPU they add), plus a per-layer
@@ -573,10 +576,13 @@ def estimate_generation(
     batches = math.ceil(sequences / batch_size) if sequences else 0
     # generate() computes LM-head logits for the last prompt position only.
     body = n - shape.vocab * shape.hidden
-    prefill_flops = sequences * prompt_tokens * (2 * body + 2 * shape.num_layers * shape.attn_dim * prompt_tokens)
+    shared = min(max(shared_prompt_tokens, 0), prompt_tokens)
+    per_token = 2 * body + 2 * shape.num_layers * shape.attn_dim * prompt_tokens
+    prefill_flops = (sequences * (prompt_tokens - shared) + batches * shared) * per_token
     prefill_flops += sequences * 2 * shape.vocab * shape.hidden
     prefill_s = prefill_flops / hardware.gen_flops + batches * shape.num_layers * hardware.layer_overhead_s
-    mid_context = prompt_tokens + new_tokens // 2
+    # keys/values a row streams per decode step: its own columns plus its share of the prefix read once per batch
+    mid_context = prompt_tokens - shared + new_tokens // 2 + shared // max(min(batch_size, sequences), 1)
     decode_flops = sequences * new_tokens * (2 * n + 4 * shape.num_layers * shape.attn_dim * mid_context)
     decode_s = 0.0
     for start in range(0, sequences, batch_size):

@@ -14,15 +14,16 @@ from mft_bench.plan import Stage, build_plan
 from mft_bench.recipe import Recipe
 
 # (items in the full test set, mean prompt tokens, mean generated tokens) per benchmark protocol
+# items, prompt tokens, new tokens (typical, SmolLM2/LLaMA tokenizers), prompt tokens shared by all items
 BENCHMARK_SHAPES = {
-    "gsm8k": (1319, 900, 150),       # 8-shot CoT prompt; answers stop at the next "Question:"
-    "humaneval": (164, 180, 200),
-    "humaneval_plain": (164, 160, 200),
-    "humaneval_plus": (164, 180, 200),
-    "ifeval": (541, 60, 400),
-    "synthetic_math": (200, 80, 100),
+    "gsm8k": (1319, 900, 150, 740),  # 8-shot CoT prompt (the exemplars are shared); answers stop at "Question:"
+    "humaneval": (164, 180, 200, 0),
+    "humaneval_plain": (164, 160, 200, 0),
+    "humaneval_plus": (164, 180, 200, 0),
+    "ifeval": (541, 60, 400, 0),
+    "synthetic_math": (200, 80, 100, 0),
 }
-LM_EVAL_SHAPE = (1000, 300, 50)
+LM_EVAL_SHAPE = (1000, 300, 50, 0)
 # rows of whole sources when a recipe takes all of them
 KNOWN_SOURCE_ROWS = {"openai/gsm8k": 7473, "gsm8k": 7473}
 ASSUMED_TOKENS_PER_ROW = 0.5  # fraction of max_length a chat row uses on average, when not measured
@@ -45,12 +46,15 @@ def _arm_tokens(spec, tokens_per_epoch: int, avg_row_tokens: float) -> int:
     return int(tokens_per_epoch * spec.epochs)
 
 
-def _bench_shape(name: str, limit: int | None, options: dict) -> tuple[int, int, int]:
-    items, prompt, new = BENCHMARK_SHAPES.get(name, LM_EVAL_SHAPE)
+def _bench_shape(name: str, limit: int | None, options: dict) -> tuple[int, int, int, int]:
+    items, prompt, new, shared = BENCHMARK_SHAPES.get(name, LM_EVAL_SHAPE)
     if name == "synthetic_math" and "n" in options:
         items = int(options["n"])
+    if name == "gsm8k" and int(options.get("num_fewshot", 8)) < 8:  # fewer exemplars: shorter, less shared
+        shots = int(options["num_fewshot"])
+        prompt, shared = prompt - (8 - shots) * shared // 8, shots * shared // 8
     new = min(new, int(options.get("max_new_tokens", new)))
-    return (min(items, limit) if limit else items), prompt, new
+    return (min(items, limit) if limit else items), prompt, new, shared
 
 
 def _fmt_flops(flops: float) -> str:
@@ -100,11 +104,12 @@ def estimate_stages(recipe: Recipe, stages: list[Stage]):
                 micro_batch_tokens=micro, tokens_per_step=micro * spec.gradient_accumulation_steps, **kwargs)
         elif stage.kind == "eval":
             bench = next(b for b in recipe.evaluation.benchmarks if b.name == stage.benchmark)
-            items, prompt, new = _bench_shape(bench.name, bench.limit, bench.options)
+            items, prompt, new, shared = _bench_shape(bench.name, bench.limit, bench.options)
             n = int(bench.options.get("n_samples", 1))
             estimates[stage.name] = estimate_generation(
                 shape, prompt_tokens=prompt, new_tokens=new, sequences=items * n,
-                batch_size=recipe.evaluation.batch_size, hardware=hardware, dtype_bytes=dtype_bytes)
+                batch_size=recipe.evaluation.batch_size, hardware=hardware, dtype_bytes=dtype_bytes,
+                shared_prompt_tokens=shared)  # both backends compute a shared prefix once (vLLM: prefix caching)
     return estimates, hardware, shape
 
 

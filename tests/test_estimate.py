@@ -160,6 +160,18 @@ def test_generation_estimate() -> None:
     assert 20 < H200.gen_tokens_per_s(LLAMA2, batch_size=1, dtype_bytes=2) < 200
 
 
+def test_shared_prompt_prefix_is_prefilled_and_streamed_once_per_batch() -> None:
+    kw = dict(prompt_tokens=900, new_tokens=150, sequences=64, batch_size=32, hardware=CPU2)
+    plain = estimate_generation(SMOL, **kw)
+    shared = estimate_generation(SMOL, shared_prompt_tokens=740, **kw)
+    assert shared.detail["prefill_s"] < 0.35 * plain.detail["prefill_s"]  # 2 x 740 + 64 x 160 vs 64 x 900 tokens
+    assert shared.detail["decode_s"] < plain.detail["decode_s"]
+    # nothing shared by a single prompt, and a prefix longer than the prompt is the whole prompt
+    alone = dict(kw, sequences=1)
+    assert estimate_generation(SMOL, shared_prompt_tokens=740, **alone).seconds == pytest.approx(
+        estimate_generation(SMOL, shared_prompt_tokens=900, **alone).seconds)
+
+
 def test_load_estimate() -> None:
     gguf = estimate_load(SMOL, hardware=CPU2, gguf=True)
     dense = estimate_load(SMOL, hardware=CPU2)

@@ -214,16 +214,15 @@ class HFBackend:
         """``_prefill_padded`` in groups of ``PREFILL_ROWS`` prompts (neighbours in length order), merged into one
         cache: padding is limited to each group's longest prompt (for 8-shot GSM8K, where every padded position
         also attends to the ~740-token prefix, one padded pass over 32 prompts took twice as long)."""
-        cache, mask, last, logits = self._prefill_padded(prompts[:PREFILL_ROWS], prefix)
-        if len(prompts) > PREFILL_ROWS and not _mergeable(cache):  # e.g. sliding-window caches: one padded pass
+        first = self._prefill_padded(prompts[:PREFILL_ROWS], prefix)
+        if len(prompts) <= PREFILL_ROWS:
+            return first
+        if not _mergeable(first[0]):  # e.g. sliding-window caches: one padded pass
             return self._prefill_padded(prompts, prefix)
-        shared = prefix[1] if prefix is not None else 0
-        for start in range(PREFILL_ROWS, len(prompts), PREFILL_ROWS):
-            new_cache, new_mask, new_last, new_logits = self._prefill_padded(prompts[start:start + PREFILL_ROWS],
-                                                                             prefix)
-            cache, mask = _merge(cache, mask, new_cache, new_mask, shared)
-            last, logits = torch.cat([last, new_last]), torch.cat([logits, new_logits])
-        return cache, mask, last, logits
+        parts = [first] + [self._prefill_padded(prompts[start:start + PREFILL_ROWS], prefix)
+                           for start in range(PREFILL_ROWS, len(prompts), PREFILL_ROWS)]
+        cache, mask = _concat_rows([(part[0], part[1]) for part in parts], prefix[1] if prefix is not None else 0)
+        return cache, mask, torch.cat([part[2] for part in parts]), torch.cat([part[3] for part in parts])
 
     def _prefill_padded(
         self, prompts: list[list[int]], prefix: tuple[Any, int] | None = None,
@@ -572,19 +571,24 @@ def _select(cache: Any, mask: torch.Tensor, last: torch.Tensor, keep: list[int],
 def _merge(
     cache: Any, mask: torch.Tensor, new_cache: Any, new_mask: torch.Tensor, shared: int = 0,
 ) -> tuple[Any, torch.Tensor]:
-    """Append the rows of ``new_cache`` to ``cache``, both padded to the longer of the two right after their
-    ``shared`` prefix columns (so those stay the same columns in every row), then drop the columns no row attends
-    to (so the cache does not keep growing as rows come and go)."""
-    width = max(mask.shape[1], new_mask.shape[1])
-    mask = torch.cat([_pad_at(mask, width, shared), _pad_at(new_mask, width, shared)])
+    """Append the rows of ``new_cache`` to ``cache`` (see ``_concat_rows``)."""
+    return _concat_rows([(cache, mask), (new_cache, new_mask)], shared)
+
+
+def _concat_rows(parts: list[tuple[Any, torch.Tensor]], shared: int = 0) -> tuple[Any, torch.Tensor]:
+    """One cache (the first part's object) holding the rows of all ``parts`` in order, each padded to the widest
+    right after its ``shared`` prefix columns (so those stay the same columns in every row), without the columns
+    no row attends to (so the cache does not keep growing as rows come and go). One copy per layer."""
+    width = max(part_mask.shape[1] for _, part_mask in parts)
+    mask = torch.cat([_pad_at(part_mask, width, shared) for _, part_mask in parts])
     attended = mask.any(0)
     columns = None if bool(attended.all()) else torch.nonzero(attended).squeeze(1)
     if columns is not None:
         mask = mask[:, columns]
-    for layer, new_layer in zip(cache.layers, new_cache.layers):
+    cache = parts[0][0]
+    for index, layer in enumerate(cache.layers):
         for name in ("keys", "values"):
-            merged = torch.cat([_pad_at(getattr(layer, name), width, shared, -2),
-                                _pad_at(getattr(new_layer, name), width, shared, -2)])
+            merged = torch.cat([_pad_at(getattr(part.layers[index], name), width, shared, -2) for part, _ in parts])
             setattr(layer, name, merged if columns is None else merged.index_select(-2, columns))
     return cache, mask
 
