@@ -411,24 +411,6 @@ def plan_groups(encoded: list[_Encoded]) -> list[list[_Encoded]]:
     return [sorted(groups[key], key=lambda e: (-len(e.ids), e.index)) for key in sorted(groups)]
 
 
-def plan_batches(encoded: list[_Encoded], batch_size: int) -> list[list[_Encoded]]:
-    """Group requests by sampling settings, sort each group longest prompt first, cut into batches.
-
-    ``batch_size`` counts sequences: a request sampled ``n`` times takes ``n`` of them.
-    """
-    groups: dict[tuple[float, float, int], list[_Encoded]] = {}
-    for enc in encoded:
-        r = enc.request
-        key = (0.0, 1.0, 1) if r.temperature <= 0 else (float(r.temperature), float(r.top_p), int(r.n))
-        groups.setdefault(key, []).append(enc)
-    batches: list[list[_Encoded]] = []
-    for key in sorted(groups):
-        members = sorted(groups[key], key=lambda e: (-len(e.ids), e.index))
-        per_batch = max(1, batch_size // key[2])
-        batches.extend(members[i:i + per_batch] for i in range(0, len(members), per_batch))
-    return batches
-
-
 SHARED_PREFIX_ATTENTION = "mft_bench_shared_prefix_sdpa"
 _shared_columns: contextvars.ContextVar[int] = contextvars.ContextVar("mft_bench_shared_columns", default=0)
 _NOT_SUPPORTED = ("position_bias", "softcap", "sliding_window", "s_aux", "sinks")
