@@ -228,8 +228,8 @@ def test_mask_plot_from_statistics(tmp_path):
 def test_mask_plot_from_mask_files(tmp_path):
     torch = pytest.importorskip("torch")
     try:
-        from mft_bench.masking.mask_io import save_masks
         import mft_bench.masking.stats  # noqa: F401
+        from mft_bench.masking.mask_io import save_masks
     except ImportError:
         pytest.skip("mft_bench.masking not available")
     from mft_bench.report.collect import load_run
@@ -248,3 +248,21 @@ def test_mask_plot_from_mask_files(tmp_path):
     written = plot_mask_statistics(load_run(run_dir), tmp_path / "plots")
     assert sorted(p.name for p in written) == ["masks.png", "masks.svg"]
     assert all(p.stat().st_size > 0 for p in written)
+
+
+def test_plots_redrawn_only_when_what_they_show_changes(run_and_report, written, monkeypatch):
+    from mft_bench.report import plots
+
+    run_dir, report = run_and_report
+    drawn = []
+    real = plots.write_plots
+    monkeypatch.setattr(plots, "write_plots", lambda *a, **k: drawn.append(1) or real(*a, **k))
+    again = write_report(report, run_dir)
+    assert drawn == [] and sorted(map(str, again)) == sorted(map(str, written))  # unchanged: same files, not redrawn
+    (run_dir / "plots" / "metrics.png").unlink()
+    write_report(report, run_dir)
+    assert drawn == [1] and (run_dir / "plots" / "metrics.png").is_file()  # a missing figure is redrawn
+    changed = dict(report, rows=report["rows"][:-1])
+    write_report(changed, run_dir)
+    assert drawn == [1, 1]  # different content: redrawn
+    write_report(report, run_dir)  # leave the fixture's run folder as it was

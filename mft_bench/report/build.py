@@ -16,6 +16,8 @@ at best 6 items = 3.7 points, so a 2-point gain is never resolvable.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 from pathlib import Path
@@ -267,12 +269,36 @@ def build_report(run_dir: Path, *, confidence: float = 0.95, n_bootstrap: int = 
 
 def write_report(report: dict, run_dir: Path) -> list[Path]:
     """Write report.json, report.md, report.csv, report.tex and plots/*.png|svg into the run folder."""
-    from mft_bench.report.plots import write_plots
     from mft_bench.report.tables import write_tables
 
     run_dir = Path(run_dir)
     written = [atomic_write_text(run_dir / "report.json", dumps_json(report))]
     written += write_tables(report, run_dir, stem="report")
     run = load_run(run_dir) if (run_dir / "run.json").is_file() else None
-    written += write_plots(report, run, run_dir / "plots")
+    written += _plots_unless_unchanged(report, run, run_dir)
+    return written
+
+
+PLOTS_STAMP = ".inputs.json"
+
+
+def _plots_unless_unchanged(report: dict, run: RunData | None, run_dir: Path) -> list[Path]:
+    """The figures, redrawn only when what they show changed: a warm rerun of a finished recipe spent most of
+    its seconds redrawing identical plots. Key: the report, run.json (which names the content-addressed stage
+    folders the mask plots read) and the plotting code itself."""
+    from mft_bench.report import plots
+
+    out_dir = run_dir / "plots"
+    digest = hashlib.sha256(dumps_json(report).encode())
+    for path in (run_dir / "run.json", Path(plots.__file__)):
+        digest.update(path.read_bytes() if path.is_file() else b"-")
+    key = digest.hexdigest()
+    stamp = out_dir / PLOTS_STAMP
+    if stamp.is_file():
+        previous = json.loads(stamp.read_text())
+        files = [out_dir / name for name in previous.get("files", [])]
+        if previous.get("key") == key and all(f.is_file() for f in files):
+            return files
+    written = plots.write_plots(report, run, out_dir)
+    atomic_write_text(stamp, dumps_json({"key": key, "files": sorted(p.name for p in written)}))
     return written
