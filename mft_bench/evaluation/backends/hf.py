@@ -158,6 +158,8 @@ class HFBackend:
         self._forward_params = set(inspect.signature(model.forward).parameters)
         # transformers 5 renamed the forward argument `past_key_values` to `cache`.
         self._cache_arg = "cache" if "cache" in self._forward_params else "past_key_values"
+        # prefill passes want the last position's logits only
+        self._last_logits = {"logits_to_keep": 1} if "logits_to_keep" in self._forward_params else {}
 
     # -- encoding --------------------------------------------------------------------------------------------
     def encode(self, request: GenerationRequest) -> list[int]:
@@ -244,15 +246,14 @@ class HFBackend:
                 mask[r, shared + width - len(ids):] = 1
         mask = mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        extra = {"logits_to_keep": 1} if self._accepts("logits_to_keep") else {}  # last logits only
+        extra = dict(self._last_logits)
         if shared_cache is not None:
             cache = copy.deepcopy(shared_cache)
             cache.batch_repeat_interleave(len(own))
             extra[self._cache_arg] = cache
         out = self.model(input_ids=input_ids.to(device), attention_mask=_unless_all_ones(mask),
                          position_ids=positions[:, shared:], use_cache=True, **extra)
-        cache = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
-        return cache, mask, positions[:, -1], out.logits[:, -1].float()
+        return _cache_of(out), mask, positions[:, -1], out.logits[:, -1].float()
 
     def _shared_prefix(self, prompts: list[list[int]]) -> tuple[Any, int] | None:
         """(cache, length) of the prefix all ``prompts`` share, when it is long enough and the cache can be
@@ -263,8 +264,8 @@ class HFBackend:
         device = _device(self.model)
         ids = torch.tensor([prompts[0][:shared]], device=device)
         out = self.model(input_ids=ids, position_ids=torch.arange(shared, device=device)[None], use_cache=True,
-                         **({"logits_to_keep": 1} if self._accepts("logits_to_keep") else {}))
-        cache = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
+                         **self._last_logits)
+        cache = _cache_of(out)
         return (cache, shared) if _mergeable(cache) else None
 
     def _decode_rows(
@@ -378,9 +379,6 @@ class HFBackend:
                 alive = [a and not d for a, d in zip(alive, done)]
                 if not any(alive):
                     cache, active, alive = None, [], []
-
-    def _accepts(self, name: str) -> bool:
-        return name in self._forward_params
 
     def _decode(self, tokens: list[int], request: GenerationRequest) -> str:
         tokens = tokens[: request.max_new_tokens]
@@ -527,6 +525,11 @@ def _transposed_product_forward(linear: torch.nn.Linear):
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     return forward
+
+
+def _cache_of(out: Any) -> Any:
+    """The KV cache of a forward's output (transformers 5 names it ``cache``, earlier ``past_key_values``)."""
+    return out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
 
 
 def _mergeable(cache: Any) -> bool:
