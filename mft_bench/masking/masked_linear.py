@@ -17,6 +17,7 @@ call ``invalidate_masks`` after those.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,13 @@ from torch import nn
 
 from mft_bench.errors import MftBenchError
 from mft_bench.masking.architectures import is_transposed, resolve_targets
-from mft_bench.masking.selection import global_keep_masks, keep_mask, module_generator, removed_count
+from mft_bench.masking.selection import (
+    CutHint,
+    global_keep_masks,
+    keep_mask_of_abs,
+    module_generator,
+    removed_count,
+)
 from mft_bench.masking.spec import MaskSpec
 
 logger = logging.getLogger(__name__)
@@ -48,6 +55,19 @@ def _ensure_step_hook() -> None:
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
         _step_hook = register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+_select_pool: ThreadPoolExecutor | None = None
+
+
+def _select_on_two_threads(stale: list[MaskedLinear]) -> None:
+    """Recompute these CPU masks two at a time: the selection's passes over the scores (compare, nonzero) are
+    single-threaded, memory-bound torch kernels, so a second matrix at once uses the second core."""
+    global _select_pool
+    if _select_pool is None:
+        _select_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mft-mask-select")
+    # Largest first, so the two threads finish close together.
+    list(_select_pool.map(MaskedLinear._select, sorted(stale, key=lambda w: -w.scores.numel())))
 
 
 def _masked_weight(weight: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -106,12 +126,15 @@ class _GlobalSelector:
         self.mask_ratio = mask_ratio
         self._key: tuple | None = None
         self._masks: list[torch.Tensor] = []
+        self._cut_hint = CutHint()
 
     def mask_of(self, member: MaskedLinear) -> torch.Tensor:
         key = tuple(m._cache_key() for m in self.members)
         if key != self._key:
             with torch.no_grad():
-                self._masks = global_keep_masks([m.scores.detach().abs() for m in self.members], self.mask_ratio)
+                self._masks = global_keep_masks(
+                    [m.scores.detach().abs() for m in self.members], self.mask_ratio, self._cut_hint
+                )
             self._key = key
             for m in self.members:
                 m.selections += 1
@@ -138,8 +161,10 @@ class MaskedLinear(nn.Module):
         self.n_remove = removed_count(self.weight.numel(), mask_ratio)
         self.selections = 0
         self._group: _GlobalSelector | None = None
+        self._siblings: list[MaskedLinear] = [self]  # wrappers attached together: their masks are refreshed together
         self._key: tuple | None = None
         self._mask: torch.Tensor | None = None
+        self._cut_hint = CutHint()  # speeds up the next selection; never changes its result
 
     @property
     def in_features(self) -> int:
@@ -160,13 +185,21 @@ class MaskedLinear(nn.Module):
         Treat it as read-only: it is shared with the autograd graph."""
         if self._group is not None:
             return self._group.mask_of(self)
-        key = self._cache_key()
-        if key != self._key:
-            with torch.no_grad():
-                self._mask = keep_mask(self.scores.detach().abs(), self.n_remove)
-            self._key = key
-            self.selections += 1
+        if self._cache_key() != self._key:
+            if self.scores.device.type == "cpu" and torch.get_num_threads() > 1:
+                # The siblings' scores changed at the same optimizer step: select every stale mask now. (CPU
+                # only: under FSDP/ZeRO-3 other layers' parameters are not materialised outside their forward.)
+                _select_on_two_threads([w for w in self._siblings if w._cache_key() != w._key])
+            else:
+                self._select()
         return self._mask
+
+    def _select(self) -> None:
+        key = self._cache_key()
+        with torch.no_grad():  # grad mode is per thread; this may run on a worker
+            self._mask = keep_mask_of_abs(self.scores, self.n_remove, self._cut_hint)
+        self._key = key
+        self.selections += 1
 
     def invalidate(self) -> None:
         self._key = None
@@ -220,6 +253,8 @@ def attach_masks(model: nn.Module, spec: MaskSpec) -> list[str]:
         group = _GlobalSelector(attached, spec.mask_ratio)
         for wrapper in attached:
             wrapper._group = group
+    for wrapper in attached:
+        wrapper._siblings = attached
     n_scores = sum(w.scores.numel() for w in attached)
     logger.info("attached masks to %d modules (%d scores, mask_ratio %.3g, %s, init %s)",
                 len(attached), n_scores, spec.mask_ratio, spec.mode, spec.init)

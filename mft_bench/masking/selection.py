@@ -1,18 +1,24 @@
 """Exact-count mask selection: which entries to remove given a magnitude per entry.
 
-``keep_mask`` removes exactly ``n_remove`` entries (the smallest), ties included: the final choice is always made
-by index with ``torch.topk``, so the count never depends on tied values. A full ``topk`` over a matrix (12 ms on
-885k entries on CPU, ~10% of a one-micro-batch MFT step over 28 matrices) is avoided for large matrices: the cut
-is first bracketed between two order statistics of a small strided sample, every entry below the bracket is
-removed by one comparison, and ``topk`` runs only over the ~3% of entries inside it (the same set as a full
-``topk`` whenever the cut is not tied; exact in every case; a missed bracket falls back to the full ``topk``).
-``torch.quantile`` is avoided (it fails above 2**24 elements); ``kthvalue`` was slower than ``topk`` here.
+``keep_mask`` removes exactly ``n_remove`` entries: every entry below the cut value (the ``n_remove``-th smallest),
+then entries equal to it, lowest index first. The result is therefore one function of the values, whichever path
+computed it (a resumed run, which starts without a hint, selects the same masks as an uninterrupted one).
+
+The cut is first bracketed, ``lo <= cut <= hi``: every entry below ``lo`` is removed by one comparison and the
+order statistics are taken only among the entries inside the bracket. For large matrices the bracket comes from
+the previous cut of the same scores when a ``CutHint`` is passed (scores move little per optimizer step: a small
+fraction of entries falls inside, and their indices are found 8 at a time), else from two order statistics of a
+strided sample (~4% inside); a missed bracket is detected by counting and the next one is tried, the last being
+everything. A full ``topk`` per matrix (12 ms on 885k entries on CPU) is avoided; ``torch.quantile`` fails above
+2**24 elements.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import threading
+from dataclasses import dataclass
 
 import torch
 
@@ -22,75 +28,155 @@ def removed_count(numel: int, mask_ratio: float) -> int:
     return min(numel, max(0, round(mask_ratio * numel)))
 
 
-def keep_mask(magnitude: torch.Tensor, n_remove: int) -> torch.Tensor:
-    """Bool tensor shaped like ``magnitude``: False at exactly ``n_remove`` entries of smallest value."""
+BRACKET_MIN_NUMEL = 1 << 16  # below this one pass over everything is already cheap
+SAMPLE_SIZE = 4096  # enough to bracket the cut within ~4% of the entries
+HINT_WIDTH_LIMITS = (1e-4, 0.5)  # relative half-width of a hinted bracket
+
+
+@dataclass
+class CutHint:
+    """Where the previous selection over the same scores cut, and a relative half-width for the next bracket,
+    ``value ± width·|value|``: at first that of the bracket that found the cut, then four times the last
+    relative move of the cut, shrinking at most by half per selection and growing fourfold after a miss (within
+    HINT_WIDTH_LIMITS). ``keep_mask`` updates it; it affects only speed, never the result."""
+
+    value: float | None = None
+    width: float = HINT_WIDTH_LIMITS[1]
+    misses: int = 0  # brackets that missed the cut (benchmarks)
+
+    def bracket(self) -> tuple[float, float] | None:
+        if self.value is None:
+            return None
+        half = self.width * abs(self.value)
+        return self.value - half, self.value + half
+
+    def update(self, cut: float, bracket: tuple[float, float], missed: bool) -> None:
+        if self.value is None:
+            width = (bracket[1] - bracket[0]) / 2 / abs(cut) if cut else math.inf
+        elif self.value != 0.0:
+            move = abs(cut - self.value) / abs(self.value)
+            width = max(4 * move, self.width * (4 if missed else 0.5))
+        else:
+            width = self.width
+        self.width = min(max(width, HINT_WIDTH_LIMITS[0]), HINT_WIDTH_LIMITS[1])
+        self.misses += missed
+        self.value = cut
+
+
+def keep_mask(magnitude: torch.Tensor, n_remove: int, hint: CutHint | None = None) -> torch.Tensor:
+    """Bool tensor shaped like ``magnitude``: False at exactly ``n_remove`` entries of smallest value, ties at the
+    cut removed lowest index first."""
     flat = magnitude.detach().reshape(-1)
     numel = flat.numel()
     if n_remove <= 0:
         return torch.ones_like(magnitude, dtype=torch.bool)
     if n_remove >= numel:
         return torch.zeros_like(magnitude, dtype=torch.bool)
+    hinted = hint.bracket() if hint is not None and numel >= BRACKET_MIN_NUMEL else None
+    brackets = [hinted] if hinted is not None else []
     if numel >= BRACKET_MIN_NUMEL:
-        keep = _bracketed_keep(flat, n_remove)
-        if keep is not None:
+        brackets.append(_sample_bracket(flat, n_remove))
+    brackets.append((-math.inf, math.inf))  # everything: cannot miss
+    for i, (lo, hi) in enumerate(brackets):
+        found = _keep_in_bracket(flat, n_remove, lo, hi)
+        if found is not None:
+            keep, cut = found
+            if hint is not None:
+                hint.update(cut, (lo, hi), missed=hinted is not None and i > 0)
             return keep.view(magnitude.shape)
-    return _topk_keep(flat, n_remove).view(magnitude.shape)
+    raise AssertionError("the unbounded bracket cannot miss")  # pragma: no cover
 
 
-BRACKET_MIN_NUMEL = 1 << 16  # below this a full topk is already cheap
-SAMPLE_SIZE = 4096  # enough to bracket the cut within ~4% of the entries
-
-
-def _topk_keep(flat: torch.Tensor, n_remove: int) -> torch.Tensor:
-    """Exact selection by one ``topk`` over the smaller side (remove-set or keep-set)."""
-    numel = flat.numel()
-    if n_remove <= numel - n_remove:
-        idx = torch.topk(flat, n_remove, largest=False, sorted=False).indices
-        keep = torch.ones(numel, dtype=torch.bool, device=flat.device)
-        keep[idx] = False
-    else:
-        idx = torch.topk(flat, numel - n_remove, largest=True, sorted=False).indices
-        keep = torch.zeros(numel, dtype=torch.bool, device=flat.device)
-        keep[idx] = True
-    return keep
-
-
-def _bracketed_keep(flat: torch.Tensor, n_remove: int) -> torch.Tensor | None:
-    """Exact selection in a few linear passes, or None when the sampled bracket misses the cut.
-
-    With ``lo <= hi`` taken from the sample around the target rank (±4 standard deviations of a sample rank),
-    every entry ``< lo`` is removed, every entry ``> hi`` kept, and the remaining ``n_remove - below`` removals
-    are the smallest entries with ``lo <= value <= hi`` (by ``topk``). Correct whenever
-    ``below <= n_remove <= below + inside``, which is checked.
-    """
+def _sample_bracket(flat: torch.Tensor, n_remove: int) -> tuple[float, float]:
+    """Two order statistics of a strided sample around the target rank (±4 standard deviations of a sample
+    rank); open on a side where the cut is too near that end for the sample to bound it."""
     numel = flat.numel()
     # An odd stride, so the sample does not line up with the rows or columns of a matrix.
-    sample = torch.sort(flat[:: (numel // SAMPLE_SIZE) | 1]).values
+    sample = flat[:: (numel // SAMPLE_SIZE) | 1].contiguous()
     m = sample.numel()
     q = n_remove / numel
     margin = int(4 * math.sqrt(m * q * (1 - q))) + 8
     lo_rank, hi_rank = int(q * m) - margin, int(q * m) + margin
-    if lo_rank < 0 or hi_rank >= m:  # the cut is near an end: the plain topk over the small side is cheap
-        return None
-    below = flat < sample[lo_rank]
-    inside = (flat <= sample[hi_rank]).logical_xor_(below)  # lo <= value <= hi (below implies <= hi)
+    # kthvalue is 1-based; two order statistics are cheaper than sorting the sample.
+    lo = float(torch.kthvalue(sample, lo_rank + 1).values) if lo_rank >= 0 else -math.inf
+    hi = float(torch.kthvalue(sample, hi_rank + 1).values) if hi_rank < m else math.inf
+    return lo, hi
+
+
+def _keep_in_bracket(flat: torch.Tensor, n_remove: int, lo: float, hi: float) -> tuple[torch.Tensor, float] | None:
+    """(keep mask, cut value) in a few linear passes, or None when the cut is not inside ``[lo, hi]``.
+
+    Entries ``< lo`` are removed, entries ``> hi`` kept, and the remaining ``n_remove - below`` removals are
+    resolved among the entries inside, which hold every entry equal to the cut: the result does not depend on
+    the bracket. Correct whenever ``below <= n_remove <= below + inside``, which is checked.
+    """
+    below = flat < lo
     n_below = int(torch.count_nonzero(below))
     need = n_remove - n_below
-    idx = torch.nonzero(inside).squeeze(1)
-    if need < 0 or need > idx.numel():
+    if need < 0:
+        return None
+    inside = torch.le(flat, hi, out=scratch(flat.numel(), torch.bool, flat.device, "inside"))
+    inside.logical_xor_(below)  # lo <= value <= hi (below implies <= hi)
+    idx = _true_indices(inside)
+    if need > idx.numel():
         return None
     keep = below.logical_not_()
-    if need:
-        keep[idx[torch.topk(flat[idx], need, largest=False, sorted=False).indices]] = False
-    return keep
+    if not need:
+        return keep, lo
+    values = flat.index_select(0, idx)
+    cut = torch.kthvalue(values, need).values
+    lower = values < cut
+    tied = torch.nonzero(values == cut).squeeze(1)[: need - int(torch.count_nonzero(lower))]
+    keep.index_fill_(0, idx[lower], False)
+    keep.index_fill_(0, idx.index_select(0, tied), False)  # idx is ascending: lowest indices first
+    return keep, float(cut)
 
 
-def global_keep_masks(magnitudes: list[torch.Tensor], mask_ratio: float) -> list[torch.Tensor]:
+def _true_indices(mask: torch.Tensor) -> torch.Tensor:
+    """Ascending indices of the True entries of a 1-D bool tensor. When few are True, words of 8 entries are
+    scanned first (``nonzero`` costs ~2 ns per entry on CPU, the 8-byte view ~0.25) and only nonzero words are
+    expanded."""
+    numel = mask.numel()
+    if numel % 8 or mask.data_ptr() % 8 or mask.device.type != "cpu":
+        return torch.nonzero(mask).squeeze(1)
+    words = torch.nonzero(mask.view(torch.int64)).squeeze(1)
+    if words.numel() * 8 > numel // 4:  # dense: the plain scan is cheaper than the expansion
+        return torch.nonzero(mask).squeeze(1)
+    rows, cols = torch.nonzero(mask.view(-1, 8).index_select(0, words), as_tuple=True)
+    return words.index_select(0, rows).mul_(8).add_(cols)
+
+
+def keep_mask_of_abs(values: torch.Tensor, n_remove: int, hint: CutHint | None = None) -> torch.Tensor:
+    """``keep_mask(values.abs(), n_remove, hint)``, with ``|values|`` written into a reused work buffer: a fresh
+    buffer per call costs more in page faults than the abs itself on CPU."""
+    flat = values.detach().reshape(-1)
+    magnitude = torch.abs(flat, out=scratch(flat.numel(), flat.dtype, flat.device, "magnitude"))
+    return keep_mask(magnitude, n_remove, hint).view(values.shape)
+
+
+_scratch = threading.local()  # per thread: masks are selected on several threads at once (masked_linear)
+
+
+def scratch(numel: int, dtype: torch.dtype, device: torch.device, name: str) -> torch.Tensor:
+    """A 1-D work tensor of ``numel`` entries, reused across calls on this thread (CPU only; CUDA's caching
+    allocator already reuses memory). Its contents are overwritten by the next call with the same name."""
+    if device.type != "cpu":
+        return torch.empty(numel, dtype=dtype, device=device)
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    buf = buffers.get((name, dtype))
+    if buf is None or buf.numel() < numel:
+        buf = buffers[(name, dtype)] = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
+
+
+def global_keep_masks(
+    magnitudes: list[torch.Tensor], mask_ratio: float, hint: CutHint | None = None
+) -> list[torch.Tensor]:
     """The paper's global mode: remove ``round(mask_ratio * total)`` smallest entries across all matrices."""
     sizes = [m.numel() for m in magnitudes]
     device = magnitudes[0].device
     flat = torch.cat([m.detach().reshape(-1).to(device=device, dtype=torch.float32) for m in magnitudes])
-    keep = keep_mask(flat, removed_count(flat.numel(), mask_ratio))
+    keep = keep_mask(flat, removed_count(flat.numel(), mask_ratio), hint)
     return [
         part.view(m.shape).to(m.device) for part, m in zip(torch.split(keep, sizes), magnitudes, strict=True)
     ]
