@@ -14,6 +14,7 @@ import torch
 
 from mft_bench.backbone import byte_tokenizer, tiny_model
 from mft_bench.errors import MftBenchError
+from mft_bench.evaluation.backends import hf as hf_backend
 from mft_bench.evaluation.backends import make_backend, truncate_at_stop
 from mft_bench.evaluation.backends.hf import HFBackend, gumbel_noise
 from mft_bench.evaluation.backends.vllm import UNAVAILABLE, VLLMBackend
@@ -205,6 +206,43 @@ def test_cpu_weights_are_input_major_while_generating_and_restored_after(models,
     assert output.is_contiguous()
     for name, p in model.named_parameters():
         assert p.is_contiguous() and torch.equal(p, before[name]), name
+    assert not any("forward" in m.__dict__ for m in model.modules()), "packed forwards should be removed after"
+
+
+@pytest.mark.skipif(not hf_backend._mkl_packing_available(), reason="torch built without MKL")
+def test_packed_products_equal_plain_ones():
+    # Decode steps go through MKL-packed weights, padded to the packed row count: the values of F.linear (up to
+    # summation order), and too few or too many rows take the plain path.
+    gen = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(48, 40)
+    packed = {size: torch.ops.mkl._mkl_reorder_linear_weight(linear.weight.detach(), size) for size in (8, 32)}
+    assert hf_backend.PACKED_ROWS == 8
+    for n in (1, 3, 4, 7, 8, 9, 16, 17, 32, 33):
+        x = torch.randn(n, 1, 48, generator=gen)
+        out = hf_backend._packed_product(x, linear, packed)
+        if n < hf_backend.MIN_PACKED_ROWS or 9 <= n <= 16 or n > 32:  # 9-16: a 32-row product half unused
+            assert out is None, n
+            continue
+        plain = torch.nn.functional.linear(x, linear.weight, linear.bias)
+        assert out.shape == plain.shape
+        torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not hf_backend._mkl_packing_available(), reason="torch built without MKL")
+def test_generation_uses_packed_products_and_matches_one_at_a_time(models, tokenizer, monkeypatch):
+    used = []
+    original = hf_backend._packed_product
+
+    def counting(x, linear, packed):
+        out = original(x, linear, packed)
+        used.append(out is not None)
+        return out
+
+    monkeypatch.setattr(hf_backend, "_packed_product", counting)
+    requests = [GenerationRequest(p, max_new_tokens=4) for p in prompts(8)]
+    batched = HFBackend(models["llama"], tokenizer, batch_size=8).generate(requests)
+    assert any(used), "decode steps of 8 rows should use the packed weights"
+    assert batched == [HFBackend(models["llama"], tokenizer, batch_size=1).generate([r])[0] for r in requests]
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
