@@ -9,7 +9,9 @@ the scores' version counter, identity and storage, so micro-batches of one accum
 forward of non-reentrant gradient checkpointing reuse it. Fused optimizers (``AdamW(fused=True)``, the Trainer's
 ``adamw_torch_fused``) update in place WITHOUT bumping the version counter, so the key also holds a per-score step
 count that a process-wide optimizer step post-hook increments for every score an optimizer stepped.
-``selections`` counts recomputations (tests, benchmarks). Writes through ``scores.data`` or by optimizers that are
+On CPU the first stale mask asked for selects those of all its stale siblings (the wrappers attached together,
+whose scores one optimizer step changed), two matrices at a time. ``selections`` counts recomputations (tests,
+benchmarks). Writes through ``scores.data`` or by optimizers that are
 not ``torch.optim.Optimizer`` subclasses over the scores themselves (DeepSpeed ZeRO's flat partitions) bypass both;
 call ``invalidate_masks`` after those.
 """
