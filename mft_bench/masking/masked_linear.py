@@ -9,9 +9,7 @@ the scores' version counter, identity and storage, so micro-batches of one accum
 forward of non-reentrant gradient checkpointing reuse it. Fused optimizers (``AdamW(fused=True)``, the Trainer's
 ``adamw_torch_fused``) update in place WITHOUT bumping the version counter, so the key also holds a per-score step
 count that a process-wide optimizer step post-hook increments for every score an optimizer stepped.
-On CPU the first stale mask asked for selects those of all its stale siblings (the wrappers attached together,
-whose scores one optimizer step changed), two matrices at a time. ``selections`` counts recomputations (tests,
-benchmarks). Writes through ``scores.data`` or by optimizers that are
+``selections`` counts recomputations (tests, benchmarks). Writes through ``scores.data`` or by optimizers that are
 not ``torch.optim.Optimizer`` subclasses over the scores themselves (DeepSpeed ZeRO's flat partitions) bypass both;
 call ``invalidate_masks`` after those.
 """
@@ -19,7 +17,6 @@ call ``invalidate_masks`` after those.
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -57,19 +54,6 @@ def _ensure_step_hook() -> None:
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
         _step_hook = register_optimizer_step_post_hook(_count_optimizer_step)
-
-
-_select_pool: ThreadPoolExecutor | None = None
-
-
-def _select_on_two_threads(stale: list[MaskedLinear]) -> None:
-    """Recompute these CPU masks two at a time: the selection's passes over the scores (compare, nonzero) are
-    single-threaded, memory-bound torch kernels, so a second matrix at once uses the second core."""
-    global _select_pool
-    if _select_pool is None:
-        _select_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mft-mask-select")
-    # Largest first, so the two threads finish close together.
-    list(_select_pool.map(MaskedLinear._select, sorted(stale, key=lambda w: -w.scores.numel())))
 
 
 def _masked_weight(weight: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -163,7 +147,6 @@ class MaskedLinear(nn.Module):
         self.n_remove = removed_count(self.weight.numel(), mask_ratio)
         self.selections = 0
         self._group: _GlobalSelector | None = None
-        self._siblings: list[MaskedLinear] = [self]  # wrappers attached together: their masks are refreshed together
         self._key: tuple | None = None
         self._mask: torch.Tensor | None = None
         self._cut_hint = CutHint()  # speeds up the next selection; never changes its result
@@ -187,21 +170,13 @@ class MaskedLinear(nn.Module):
         Treat it as read-only: it is shared with the autograd graph."""
         if self._group is not None:
             return self._group.mask_of(self)
-        if self._cache_key() != self._key:
-            if self.scores.device.type == "cpu" and torch.get_num_threads() > 1:
-                # The siblings' scores changed at the same optimizer step: select every stale mask now. (CPU
-                # only: under FSDP/ZeRO-3 other layers' parameters are not materialised outside their forward.)
-                _select_on_two_threads([w for w in self._siblings if w._cache_key() != w._key])
-            else:
-                self._select()
-        return self._mask
-
-    def _select(self) -> None:
         key = self._cache_key()
-        with torch.no_grad():  # grad mode is per thread; this may run on a worker
-            self._mask = keep_mask_of_abs(self.scores, self.n_remove, self._cut_hint)
-        self._key = key
-        self.selections += 1
+        if key != self._key:
+            with torch.no_grad():
+                self._mask = keep_mask_of_abs(self.scores, self.n_remove, self._cut_hint)
+            self._key = key
+            self.selections += 1
+        return self._mask
 
     def invalidate(self) -> None:
         self._key = None
@@ -255,8 +230,6 @@ def attach_masks(model: nn.Module, spec: MaskSpec) -> list[str]:
         group = _GlobalSelector(attached, spec.mask_ratio)
         for wrapper in attached:
             wrapper._group = group
-    for wrapper in attached:
-        wrapper._siblings = attached
     n_scores = sum(w.scores.numel() for w in attached)
     logger.info("attached masks to %d modules (%d scores, mask_ratio %.3g, %s, init %s)",
                 len(attached), n_scores, spec.mask_ratio, spec.mode, spec.init)

@@ -19,6 +19,7 @@ import hashlib
 import math
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -63,9 +64,12 @@ class CutHint:
         self.value = cut
 
 
-def keep_mask(magnitude: torch.Tensor, n_remove: int, hint: CutHint | None = None) -> torch.Tensor:
+def keep_mask(
+    magnitude: torch.Tensor, n_remove: int, hint: CutHint | None = None, nonnegative: bool = False,
+) -> torch.Tensor:
     """Bool tensor shaped like ``magnitude``: False at exactly ``n_remove`` entries of smallest value, ties at the
-    cut removed lowest index first."""
+    cut removed lowest index first. ``nonnegative``: every value is an ``abs()`` result (>= 0, never -0.0), which
+    allows a faster comparison."""
     flat = magnitude.detach().reshape(-1)
     numel = flat.numel()
     if n_remove <= 0:
@@ -78,7 +82,7 @@ def keep_mask(magnitude: torch.Tensor, n_remove: int, hint: CutHint | None = Non
         brackets.append(_sample_bracket(flat, n_remove))
     brackets.append((-math.inf, math.inf))  # everything: cannot miss
     for i, (lo, hi) in enumerate(brackets):
-        found = _keep_in_bracket(flat, n_remove, lo, hi)
+        found = _keep_in_bracket(flat, n_remove, lo, hi, nonnegative)
         if found is not None:
             keep, cut = found
             if hint is not None:
@@ -103,24 +107,24 @@ def _sample_bracket(flat: torch.Tensor, n_remove: int) -> tuple[float, float]:
     return lo, hi
 
 
-def _keep_in_bracket(flat: torch.Tensor, n_remove: int, lo: float, hi: float) -> tuple[torch.Tensor, float] | None:
+def _keep_in_bracket(
+    flat: torch.Tensor, n_remove: int, lo: float, hi: float, nonnegative: bool = False,
+) -> tuple[torch.Tensor, float] | None:
     """(keep mask, cut value) in a few linear passes, or None when the cut is not inside ``[lo, hi]``.
 
     Entries ``< lo`` are removed, entries ``> hi`` kept, and the remaining ``n_remove - below`` removals are
     resolved among the entries inside, which hold every entry equal to the cut: the result does not depend on
     the bracket. Correct whenever ``below <= n_remove <= below + inside``, which is checked.
     """
-    below = flat < lo
-    n_below = int(torch.count_nonzero(below))
-    need = n_remove - n_below
+    keys, lo_key, hi_key = _comparison_keys(flat, lo, hi, nonnegative)
+    keep = keys >= lo_key
+    need = n_remove - (flat.numel() - int(torch.count_nonzero(keep)))
     if need < 0:
         return None
-    inside = torch.le(flat, hi, out=scratch(flat.numel(), torch.bool, flat.device, "inside"))
-    inside.logical_xor_(below)  # lo <= value <= hi (below implies <= hi)
-    idx = _true_indices(inside)
+    inside = torch.le(keys, hi_key, out=scratch(flat.numel(), torch.bool, flat.device, "inside"))
+    idx = _true_indices(inside.logical_and_(keep))  # lo <= value <= hi
     if need > idx.numel():
         return None
-    keep = below.logical_not_()
     if not need:
         return keep, lo
     values = flat.index_select(0, idx)
@@ -130,6 +134,21 @@ def _keep_in_bracket(flat: torch.Tensor, n_remove: int, lo: float, hi: float) ->
     keep.index_fill_(0, idx[lower], False)
     keep.index_fill_(0, idx.index_select(0, tied), False)  # idx is ascending: lowest indices first
     return keep, float(cut)
+
+
+def _comparison_keys(flat: torch.Tensor, lo: float, hi: float, nonnegative: bool) -> tuple[torch.Tensor, Any, Any]:
+    """What to compare with ``lo`` and ``hi``: for float32 values known to be >= 0 (magnitudes) on CPU, their
+    int32 bit patterns, which order the same way and compare ~25% faster; else the values themselves."""
+    if not (nonnegative and flat.dtype == torch.float32 and flat.device.type == "cpu"):
+        return flat, lo, hi
+
+    def key(bound: float) -> int:
+        if bound < 0:  # no value >= 0 is below (or at) a negative bound: -1 is below every key
+            return -1
+        # float32 rounding as torch applies to a Python scalar; "+ 0.0" turns -0.0 into 0.0
+        return int(torch.tensor(bound + 0.0, dtype=torch.float32).view(torch.int32))
+
+    return flat.view(torch.int32), key(lo), key(hi)
 
 
 def _true_indices(mask: torch.Tensor) -> torch.Tensor:
@@ -151,10 +170,10 @@ def keep_mask_of_abs(values: torch.Tensor, n_remove: int, hint: CutHint | None =
     buffer per call costs more in page faults than the abs itself on CPU."""
     flat = values.detach().reshape(-1)
     magnitude = torch.abs(flat, out=scratch(flat.numel(), flat.dtype, flat.device, "magnitude"))
-    return keep_mask(magnitude, n_remove, hint).view(values.shape)
+    return keep_mask(magnitude, n_remove, hint, nonnegative=True).view(values.shape)
 
 
-_scratch = threading.local()  # per thread: masks are selected on several threads at once (masked_linear)
+_scratch = threading.local()  # per thread, so that concurrent callers never share a buffer
 
 
 def scratch(numel: int, dtype: torch.dtype, device: torch.device, name: str) -> torch.Tensor:
