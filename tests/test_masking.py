@@ -204,7 +204,7 @@ def test_cut_hint_changes_speed_never_the_result(values):
 
 
 def test_magnitudes_compared_by_bit_pattern_select_the_same_set():
-    # keep_mask_of_abs compares float32 magnitudes as int32 bit patterns; zeros, subnormals, infinities and
+    # keep_mask_of_abs compares float32 magnitudes as int32 bit patterns; zeros, subnormals, infinities, NaN and
     # brackets reaching below zero must give what float comparisons give.
     n = 1 << 17
     values = torch.randn(n, generator=torch.Generator().manual_seed(4))
@@ -212,6 +212,7 @@ def test_magnitudes_compared_by_bit_pattern_select_the_same_set():
     values[1::97] = -0.0
     values[2::89] = 1e-40  # subnormal
     values[3::1001] = float("-inf")
+    values[4::997] = float("nan")  # kept by both paths, whatever the bracket
     for ratio in (0.1, 0.3, 0.5):
         n_remove = removed_count(n, ratio)
         expected = keep_mask(values.abs(), n_remove)

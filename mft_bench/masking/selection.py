@@ -117,7 +117,8 @@ def _keep_in_bracket(
     the bracket. Correct whenever ``below <= n_remove <= below + inside``, which is checked.
     """
     keys, lo_key, hi_key = _comparison_keys(flat, lo, hi, nonnegative)
-    keep = keys >= lo_key
+    # "not below" rather than ">= lo": a NaN is then kept, as its bit pattern (above +inf's) is by the int path
+    keep = keys >= lo_key if keys is not flat else (flat < lo).logical_not_()
     need = n_remove - (flat.numel() - int(torch.count_nonzero(keep)))
     if need < 0:
         return None
