@@ -43,7 +43,7 @@ class CutHint:
 
     value: float | None = None
     width: float = HINT_WIDTH_LIMITS[1]
-    misses: int = 0  # brackets that missed the cut (benchmarks)
+    misses: int = 0  # hinted brackets that missed the cut (diagnostics, tests)
 
     def bracket(self) -> tuple[float, float] | None:
         if self.value is None:

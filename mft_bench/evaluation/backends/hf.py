@@ -516,7 +516,7 @@ def _cpu_decode_matmuls(model: Any, batch_rows: int) -> Iterator[None]:
             module.forward = _head_forward(module, packed)
         elif packed:
             module.forward = _packed_forward(module, packed)
-        if module is not head and id(module.weight) not in skip:
+        if id(module.weight) not in skip:  # (the output projection's weight is in skip)
             module.weight.data = module.weight.data.t().contiguous().t()
             changed.append(module.weight)
     try:
