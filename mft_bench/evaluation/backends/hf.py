@@ -512,10 +512,8 @@ def _cpu_decode_matmuls(model: Any, batch_rows: int) -> Iterator[None]:
     changed = []
     for module in linears:
         packed = {rows: torch.ops.mkl._mkl_reorder_linear_weight(module.weight.detach(), rows) for rows in sizes}
-        if module is head:
-            module.forward = _head_forward(module, packed)
-        elif packed:
-            module.forward = _packed_forward(module, packed)
+        if module is head or packed:
+            module.forward = _packed_forward(module, packed, _transposed_product if module is head else _plain_product)
         if id(module.weight) not in skip:  # (the output projection's weight is in skip)
             module.weight.data = module.weight.data.t().contiguous().t()
             changed.append(module.weight)
@@ -552,26 +550,27 @@ def _packed_product(x: torch.Tensor, linear: torch.nn.Linear, packed: dict[int, 
     return out[:n].reshape(*x.shape[:-1], out.shape[-1])
 
 
-def _packed_forward(linear: torch.nn.Linear, packed: dict[int, torch.Tensor]):
+def _packed_forward(linear: torch.nn.Linear, packed: dict[int, torch.Tensor], plain):
+    """``linear``'s forward during generation: through ``packed`` when ``_packed_product`` takes the rows, else
+    ``plain(linear, x)``."""
     def forward(x: torch.Tensor) -> torch.Tensor:
         out = _packed_product(x, linear, packed)
-        return out if out is not None else F.linear(x, linear.weight, linear.bias)
+        return out if out is not None else plain(linear, x)
 
     return forward
 
 
-def _head_forward(linear: torch.nn.Linear, packed: dict[int, torch.Tensor]):
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        out = _packed_product(x, linear, packed)
-        if out is not None:
-            return out
-        rows = x.reshape(-1, x.shape[-1])
-        out = torch.mm(linear.weight, rows.t().contiguous()).t().contiguous()  # argmax over strided rows is 3x slower
-        if linear.bias is not None:
-            out = out + linear.bias
-        return out.reshape(*x.shape[:-1], out.shape[-1])
+def _plain_product(linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, linear.weight, linear.bias)
 
-    return forward
+
+def _transposed_product(linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``linear(x)`` as ``(W @ x^T)^T``: faster for the output projection at few rows."""
+    rows = x.reshape(-1, x.shape[-1])
+    out = torch.mm(linear.weight, rows.t().contiguous()).t().contiguous()  # argmax over strided rows is 3x slower
+    if linear.bias is not None:
+        out = out + linear.bias
+    return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 def _cache_of(out: Any) -> Any:
