@@ -20,11 +20,11 @@ Why each choice:
   index) and samples by the Gumbel-max trick: argmax(logits / T + Gumbel noise) is a draw from
   softmax(logits / T) (after top-p filtering). A completion is then a function of its prompt and the seed
   only: reproducible across batch sizes, chunks and resumed runs.
-- On CPU, for the duration of a ``generate`` call (``_cpu_decode_matmuls``), decode steps multiply by copies of
-  the float32 linear weights packed by MKL for 8 rows and for the batch size (a step padded with zero rows to
-  the packed size: ~11% faster at 32 rows, ~25% for the last few rows of a call); other products use the
-  weights stored input-major (same values and shapes) and the output projection computes ``(W @ x^T)^T``, which
-  MKL runs 1.2-1.75x faster at few rows (measured on SmolLM2-135M shapes; ``benchmarks/README.md``).
+- On CPU, for the duration of a ``generate`` call (``_cpu_decode_matmuls``), decode steps of 4 rows or more
+  multiply by copies of the float32 linear weights packed by MKL for 8, 16 and the batch size rows (a step
+  padded with zero rows to the packed size); the weights themselves are not touched, and the output
+  projection's few-row product is ``(W @ x^T)^T``, which MKL runs 1.2-1.75x faster (measured on SmolLM2-135M
+  shapes; ``benchmarks/README.md``).
 - Prompts that start with the same tokens (few-shot exemplars: GSM8K's 8-shot block is ~900 tokens, shared by
   every item) have that prefix computed once per group; each prefill copies its keys/values and runs only the
   prompts' own tokens (``shared_prefix_length``, at least ``MIN_SHARED_PREFIX`` tokens). Positions and masks are
@@ -485,48 +485,37 @@ def _cpu_decode_matmuls(model: Any, batch_rows: int) -> Iterator[None]:
     """On CPU, make the few-row matmuls of decoding faster for the duration, restoring the model on exit.
 
     Each float32 ``nn.Linear`` (the output projection included) gets copies of its weight packed by MKL for
-    products of ``PACKED_ROWS`` rows and of ``batch_rows`` rows (``torch.ops.mkl._mkl_linear``: 1.15-1.6x faster
-    at 32 rows, ~2x at 8 rows on SmolLM2 shapes with the weights in cache; a whole SmolLM2-135M decode step
-    ~11% faster at 32 rows and ~25% at 4-8 rows, where weights stream from memory); a decode step is padded with
-    zero rows to the smallest packed size that holds it (``_packed_product``). Other products (prefill, very
-    few rows) keep the plain path, with the decoder's weights stored input-major (values and shapes unchanged;
-    MKL's few-row products 1.2-1.75x faster) and the output projection computed as ``(W @ x^T)^T``. The
-    embedding keeps its layout."""
+    products of 8, 16 and ``batch_rows`` rows (``torch.ops.mkl._mkl_linear``); a decode step is padded with zero
+    rows to the smallest packed size that holds it (``_packed_product``). Measured on SmolLM2-135M's decoder
+    linears with weights streaming from memory: 32 rows 102 vs 139-194 ms unpacked, 12-16 rows padded to 16
+    ~89 vs 110-150 ms, 4-8 rows padded to 8 ~70 vs 92-135 ms. Fewer rows, and prefill, take the plain product
+    on the weights as they are: for 1-3 rows the fastest layout, for prefill's hundreds of rows within ~5% of a
+    packed one. The output projection's plain product is ``(W @ x^T)^T``, 1.2-1.75x faster at few rows."""
     if _device(model).type != "cpu":
         yield
         return
-    embeddings = {}
-    for getter in ("get_input_embeddings", "get_output_embeddings"):
-        with contextlib.suppress(AttributeError, NotImplementedError):
-            module = getattr(model, getter)()
-            if getattr(module, "weight", None) is not None:
-                embeddings[getter] = module
-    head = embeddings.get("get_output_embeddings")
+    head = None
+    with contextlib.suppress(AttributeError, NotImplementedError):
+        head = model.get_output_embeddings()
     # (A module with its own instance ``forward``, e.g. an accelerate hook, is left alone.)
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.dtype == torch.float32
                and m.weight.is_contiguous() and "forward" not in m.__dict__]
-    sizes = sorted({min(PACKED_ROWS, batch_rows), batch_rows}) if batch_rows >= MIN_PACKED_ROWS else []
-    if not _mkl_packing_available() or sum(m.weight.numel() for m in linears) * 4 * len(sizes) > MAX_PACKED_BYTES:
+    sizes = sorted({rows for rows in PACKED_ROWS if rows < batch_rows} | {batch_rows})
+    if (batch_rows < MIN_PACKED_ROWS or not _mkl_packing_available()
+            or sum(m.weight.numel() for m in linears) * 4 * len(sizes) > MAX_PACKED_BYTES):
         sizes = []
-    skip = {id(m.weight) for m in embeddings.values()}
-    changed = []
     for module in linears:
         packed = {rows: torch.ops.mkl._mkl_reorder_linear_weight(module.weight.detach(), rows) for rows in sizes}
         if module is head or packed:
             module.forward = _packed_forward(module, packed, _transposed_product if module is head else _plain_product)
-        if id(module.weight) not in skip:  # (the output projection's weight is in skip)
-            module.weight.data = module.weight.data.t().contiguous().t()
-            changed.append(module.weight)
     try:
         yield
     finally:
-        for weight in changed:
-            weight.data = weight.data.contiguous()
         for module in linears:
             module.__dict__.pop("forward", None)
 
 
-PACKED_ROWS = 8  # the smaller packed size, for the last rows of a call (the larger one is the batch size)
+PACKED_ROWS = (8, 16)  # packed sizes below the batch size (which is packed too), for the last rows of a call
 MIN_PACKED_ROWS = 4  # fewer rows: their plain product is cheaper than a padded packed one
 MAX_PACKED_BYTES = 2 << 30  # packed copies live beside the weights while generating
 
@@ -537,12 +526,11 @@ def _mkl_packing_available() -> bool:
 
 def _packed_product(x: torch.Tensor, linear: torch.nn.Linear, packed: dict[int, torch.Tensor]):
     """``linear(x)`` through the smallest packed weight whose row count holds ``x``'s rows (padded with zero
-    rows to it: a packing is for one row count), or None when none fits, ``x`` has too few rows, or it would
-    be padded to more than twice its rows (the plain product was as fast at 16 rows as a padded 32-row one)."""
+    rows to it: a packing is for one row count), or None when none fits or ``x`` has too few rows."""
     rows = x.reshape(-1, x.shape[-1])
     n = rows.shape[0]
     size = next((size for size in sorted(packed) if n <= size), None)
-    if size is None or n < MIN_PACKED_ROWS or (size > PACKED_ROWS and 2 * n <= size):
+    if size is None or n < MIN_PACKED_ROWS:
         return None
     if n < size:
         rows = torch.cat([rows, rows.new_zeros(size - n, rows.shape[1])])
