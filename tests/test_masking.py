@@ -203,6 +203,24 @@ def test_cut_hint_changes_speed_never_the_result(values):
     assert wrong.misses == 1
 
 
+def test_hinted_selection_samples_a_bracket_only_after_a_miss(monkeypatch):
+    sampled = []
+    sample_bracket = selection._sample_bracket
+    monkeypatch.setattr(selection, "_sample_bracket", lambda *args: sampled.append(1) or sample_bracket(*args))
+    gen = torch.Generator().manual_seed(6)
+    scores = torch.randn(300 * 700, generator=gen)
+    n_remove = removed_count(scores.numel(), 0.1)
+    hint = selection.CutHint()
+    selection.keep_mask_of_abs(scores, n_remove, hint)
+    assert len(sampled) == 1  # no hint yet
+    for _ in range(3):
+        scores = scores + 1e-4 * torch.randn(scores.numel(), generator=gen)
+        selection.keep_mask_of_abs(scores, n_remove, hint)
+    assert len(sampled) == 1 and hint.misses == 0
+    selection.keep_mask_of_abs(scores * 3, n_remove, hint)  # the cut jumps: the hinted bracket misses
+    assert len(sampled) == 2 and hint.misses == 1
+
+
 def test_magnitudes_compared_by_bit_pattern_select_the_same_set():
     # keep_mask_of_abs compares float32 magnitudes as int32 bit patterns; zeros, subnormals, infinities, NaN and
     # brackets reaching below zero must give what float comparisons give.

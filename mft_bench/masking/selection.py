@@ -77,11 +77,15 @@ def keep_mask(
     if n_remove >= numel:
         return torch.zeros_like(magnitude, dtype=torch.bool)
     hinted = hint.bracket() if hint is not None and numel >= BRACKET_MIN_NUMEL else None
-    brackets = [hinted] if hinted is not None else []
-    if numel >= BRACKET_MIN_NUMEL:
-        brackets.append(_sample_bracket(flat, n_remove))
-    brackets.append((-math.inf, math.inf))  # everything: cannot miss
-    for i, (lo, hi) in enumerate(brackets):
+
+    def brackets():  # each computed only if the one before missed
+        if hinted is not None:
+            yield hinted
+        if numel >= BRACKET_MIN_NUMEL:
+            yield _sample_bracket(flat, n_remove)
+        yield -math.inf, math.inf  # everything: cannot miss
+
+    for i, (lo, hi) in enumerate(brackets()):
         found = _keep_in_bracket(flat, n_remove, lo, hi, nonnegative)
         if found is not None:
             keep, cut = found
@@ -116,13 +120,27 @@ def _keep_in_bracket(
     resolved among the entries inside, which hold every entry equal to the cut: the result does not depend on
     the bracket. Correct whenever ``below <= n_remove <= below + inside``, which is checked.
     """
+    numel = flat.numel()
     keys, lo_key, hi_key = _comparison_keys(flat, lo, hi, nonnegative)
-    # "not below" rather than ">= lo": a NaN is then kept, as its bit pattern (above +inf's) is by the int path
-    keep = keys >= lo_key if keys is not flat else (flat < lo).logical_not_()
-    need = n_remove - (flat.numel() - int(torch.count_nonzero(keep)))
+    inside = scratch(numel, torch.bool, flat.device, "inside")
+    if keys is flat:
+        # "not below" rather than ">= lo": a NaN is then kept, as its bit pattern (above +inf's) is by the int path
+        keep = (flat < lo).logical_not_()
+        kept = int(torch.count_nonzero(keep))
+    else:
+        # int32 keys (CPU): compared into an int32 buffer, then cast to bool. ATen vectorizes a comparison whose
+        # output has its inputs' dtype but not one that writes bool: 0.34 vs 0.63 ms for 885k entries, and the
+        # count summed from the int32 flags 0.18 vs 0.30 ms for count_nonzero over the bools (2 threads).
+        flags = scratch(numel, torch.int32, flat.device, "flags")
+        kept = int(torch.ge(keys, lo_key, out=flags).sum(dtype=torch.int32))
+        keep = torch.empty(numel, dtype=torch.bool, device=flat.device).copy_(flags)
+    need = n_remove - (numel - kept)
     if need < 0:
         return None
-    inside = torch.le(keys, hi_key, out=scratch(flat.numel(), torch.bool, flat.device, "inside"))
+    if keys is flat:
+        torch.le(keys, hi_key, out=inside)
+    else:
+        inside.copy_(torch.le(keys, hi_key, out=flags))
     idx = _true_indices(inside.logical_and_(keep))  # lo <= value <= hi
     if need > idx.numel():
         return None
