@@ -122,7 +122,6 @@ def _keep_in_bracket(
     """
     numel = flat.numel()
     keys, lo_key, hi_key = _comparison_keys(flat, lo, hi, nonnegative)
-    inside = scratch(numel, torch.bool, flat.device, "inside")
     if keys is flat:
         # "not below" rather than ">= lo": a NaN is then kept, as its bit pattern (above +inf's) is by the int path
         keep = (flat < lo).logical_not_()
@@ -137,9 +136,10 @@ def _keep_in_bracket(
     need = n_remove - (numel - kept)
     if need < 0:
         return None
+    inside = scratch(numel, torch.bool, flat.device, "inside")
     if keys is flat:
         torch.le(keys, hi_key, out=inside)
-    else:
+    else:  # through the int32 buffer, as above
         inside.copy_(torch.le(keys, hi_key, out=flags))
     idx = _true_indices(inside.logical_and_(keep))  # lo <= value <= hi
     if need > idx.numel():
