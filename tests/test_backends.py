@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import types
@@ -234,6 +235,32 @@ def test_generation_uses_packed_products_and_matches_one_at_a_time(models, token
     batched = HFBackend(models["llama"], tokenizer, batch_size=8).generate(requests)
     assert any(used), "decode steps of 8 rows should use the packed weights"
     assert batched == [HFBackend(models["llama"], tokenizer, batch_size=1).generate([r])[0] for r in requests]
+
+
+@pytest.mark.skipif(not hf_backend._mkl_packing_available(), reason="torch built without MKL")
+def test_packed_weights_are_kept_across_calls_and_packed_again_after_a_change(models, tokenizer, monkeypatch):
+    model = copy.deepcopy(models["llama"])
+    packed = []
+    original = hf_backend._pack
+
+    def counting(weight, rows):
+        packed.append(weight.data_ptr())
+        return original(weight, rows)
+
+    monkeypatch.setattr(hf_backend, "_pack", counting)
+    requests = [GenerationRequest(p, max_new_tokens=3) for p in prompts(8)]
+    backend = HFBackend(model, tokenizer, batch_size=8)
+    first = backend.generate(requests)
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    assert len(packed) == len(linears)  # one row count (8) per weight
+    assert backend.generate(requests) == first and len(packed) == len(linears)  # nothing packed again
+    changed = linears[1].weight
+    with torch.no_grad():
+        changed.mul_(-3.0)  # in place: same storage, new version
+    packed.clear()
+    after = backend.generate(requests)
+    assert packed == [changed.data_ptr()]  # that weight only
+    assert after == HFBackend(model, tokenizer, batch_size=8).generate(requests)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

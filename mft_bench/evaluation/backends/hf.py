@@ -24,7 +24,9 @@ Why each choice:
   multiply by copies of the float32 linear weights packed by MKL for 8, 16 and the batch size rows (a step
   padded with zero rows to the packed size); the weights themselves are not touched, and the output
   projection's few-row product is ``(W @ x^T)^T``, which MKL runs 1.2-1.75x faster (measured on SmolLM2-135M
-  shapes; ``benchmarks/README.md``).
+  shapes; ``benchmarks/README.md``). The backend keeps the packed copies between calls (an evaluation calls
+  ``generate`` once per chunk of items) and packs a weight again only when it has changed: packing all of
+  SmolLM2-135M's weights for three row counts costs ~1-2 s, ~5% of a 64-prompt call.
 - Prompts that start with the same tokens (few-shot exemplars: GSM8K's 8-shot block is ~900 tokens, shared by
   every item) have that prefix computed once per group; each prefill copies its keys/values and runs only the
   prompts' own tokens (``shared_prefix_length``, at least ``MIN_SHARED_PREFIX`` tokens). Positions and masks are
@@ -161,6 +163,7 @@ class HFBackend:
         self._cache_arg = "cache" if "cache" in self._forward_params else "past_key_values"
         # prefill passes want the last position's logits only
         self._last_logits = {"logits_to_keep": 1} if "logits_to_keep" in self._forward_params else {}
+        self._packed = PackedWeights()  # decode-step weight copies, kept across calls (see _cpu_decode_matmuls)
 
     # -- encoding --------------------------------------------------------------------------------------------
     def encode(self, request: GenerationRequest) -> list[int]:
@@ -187,7 +190,7 @@ class HFBackend:
         """``n`` completions per request, in request order (stop strings applied, prompt excluded)."""
         encoded = [_Encoded(i, r, self.encode(r)) for i, r in enumerate(requests)]
         results: list[list[str] | None] = [None] * len(requests)
-        with _cpu_decode_matmuls(self.model, self.batch_size):
+        with _cpu_decode_matmuls(self.model, self.batch_size, self._packed):
             for group in plan_groups(encoded):
                 for enc, outs in zip(group, self._generate_group(group)):
                     results[enc.index] = outs
@@ -481,12 +484,13 @@ def _shared_prefix_attention(model: Any, shared: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _cpu_decode_matmuls(model: Any, batch_rows: int) -> Iterator[None]:
+def _cpu_decode_matmuls(model: Any, batch_rows: int, store: PackedWeights | None = None) -> Iterator[None]:
     """On CPU, make the few-row matmuls of decoding faster for the duration, restoring the model on exit.
 
     Each float32 ``nn.Linear`` (the output projection included) gets copies of its weight packed by MKL for
-    products of 8, 16 and ``batch_rows`` rows (``torch.ops.mkl._mkl_linear``); a decode step is padded with zero
-    rows to the smallest packed size that holds it (``_packed_product``). Measured on SmolLM2-135M's decoder
+    products of 8, 16 and ``batch_rows`` rows (``torch.ops.mkl._mkl_linear``), taken from ``store`` when it
+    holds them for the weight as it is now; a decode step is padded with zero rows to the smallest packed size
+    that holds it (``_packed_product``). Measured on SmolLM2-135M's decoder
     linears with weights streaming from memory: 32 rows 102 vs 139-194 ms unpacked, 12-16 rows padded to 16
     ~89 vs 110-150 ms, 4-8 rows padded to 8 ~70 vs 92-135 ms. Fewer rows, and prefill, take the plain product
     on the weights as they are: for 1-3 rows the fastest layout, for prefill's hundreds of rows within ~5% of a
@@ -494,18 +498,20 @@ def _cpu_decode_matmuls(model: Any, batch_rows: int) -> Iterator[None]:
     if _device(model).type != "cpu":
         yield
         return
+    store = store if store is not None else PackedWeights()
     head = None
     with contextlib.suppress(AttributeError, NotImplementedError):
         head = model.get_output_embeddings()
     # (A module with its own instance ``forward``, e.g. an accelerate hook, is left alone.)
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.dtype == torch.float32
                and m.weight.is_contiguous() and "forward" not in m.__dict__]
-    sizes = sorted({rows for rows in PACKED_ROWS if rows < batch_rows} | {batch_rows})
+    sizes = tuple(sorted({rows for rows in PACKED_ROWS if rows < batch_rows} | {batch_rows}))
     if (batch_rows < MIN_PACKED_ROWS or not _mkl_packing_available()
             or sum(m.weight.numel() for m in linears) * 4 * len(sizes) > MAX_PACKED_BYTES):
-        sizes = []
+        sizes = ()
+    store.keep_only(linears)
     for module in linears:
-        packed = {rows: torch.ops.mkl._mkl_reorder_linear_weight(module.weight.detach(), rows) for rows in sizes}
+        packed = store.get(module, sizes)
         if module is head or packed:
             module.forward = _packed_forward(module, packed, _transposed_product if module is head else _plain_product)
     try:
@@ -513,6 +519,38 @@ def _cpu_decode_matmuls(model: Any, batch_rows: int) -> Iterator[None]:
     finally:
         for module in linears:
             module.__dict__.pop("forward", None)
+
+
+class PackedWeights:
+    """MKL-packed copies of linear weights by module, each valid while its weight is the same tensor with the
+    same storage and version counter (an in-place change bumps the version; a replaced ``.data`` moves the
+    storage), so a later ``generate`` call reuses them and a changed weight is packed again."""
+
+    def __init__(self) -> None:
+        self._entries: dict[torch.nn.Module, tuple[tuple[Any, ...], dict[int, torch.Tensor]]] = {}
+
+    def get(self, linear: torch.nn.Linear, sizes: tuple[int, ...]) -> dict[int, torch.Tensor]:
+        """Packed copies of ``linear.weight`` for each row count in ``sizes`` (``{}`` for none)."""
+        if not sizes:
+            self._entries.pop(linear, None)
+            return {}
+        weight = linear.weight
+        key = (id(weight), weight.data_ptr(), weight._version, sizes)
+        entry = self._entries.get(linear)
+        if entry is None or entry[0] != key:
+            entry = (key, {rows: _pack(weight.detach(), rows) for rows in sizes})
+            self._entries[linear] = entry
+        return entry[1]
+
+    def keep_only(self, linears: list[torch.nn.Linear]) -> None:
+        """Forget the copies of modules not in ``linears`` (no longer float32 linears, say)."""
+        wanted = set(linears)
+        for module in [m for m in self._entries if m not in wanted]:
+            del self._entries[module]
+
+
+def _pack(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    return torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
 
 
 PACKED_ROWS = (8, 16)  # packed sizes below the batch size (which is packed too), for the last rows of a call
