@@ -213,6 +213,8 @@ def test_hinted_selection_samples_a_bracket_only_after_a_miss(monkeypatch):
     hint = selection.CutHint()
     selection.keep_mask_of_abs(scores, n_remove, hint)
     assert len(sampled) == 1  # no hint yet
+    lo, hi = hint.bracket()  # the first hint is far narrower than the sampled bracket (~4% of the entries)
+    assert 0 < float(((scores.abs() >= lo) & (scores.abs() <= hi)).float().mean()) < 0.01
     for _ in range(3):
         scores = scores + 1e-4 * torch.randn(scores.numel(), generator=gen)
         selection.keep_mask_of_abs(scores, n_remove, hint)
