@@ -6,7 +6,9 @@ the same token batch, so peak memory is that process's own: peak RSS (``ru_maxrs
 after the model was built shown for reference; ``torch.cuda.max_memory_allocated`` on CUDA. On CPU the peak RSS
 includes ~0.5 GB of interpreter and libraries (torch, transformers) that every arm pays alike, which the CUDA
 number does not; the CPU table therefore also gives the peak above the RSS measured after those imports and
-before the model is built -- the memory the training state takes, comparable to the CUDA measure. Step time is the
+before the model is built, and the peak of live tensors over one extra, profiled step (torch profiler's memory
+timeline: parameters, optimizer state, gradients, activations, temporaries; what ``max_memory_allocated``
+counts on CUDA, free of the C allocator's retained pages, which RSS includes). Step time is the
 median over ``--steps`` timed optimizer steps after ``--warmup`` untimed ones; a step is ``--grad-accum``
 micro-batch forward/backward passes plus ``optimizer.step()`` plus (cached MFT arm) the mask refresh.
 Mask selection per step: the cached arm times its one top-k refresh after each optimizer step; the official arm
@@ -16,7 +18,8 @@ The cached arm also writes its mask file and reports bits per masked weight (hea
     python benchmarks/mask_step.py          # SmolLM2-135M shape, CPU, layers 20-23, 4 micro-batches of 2x128 tokens
     python benchmarks/mask_step.py --device cuda --shape llama2-7b --batch 4 --seq-len 512 --grad-accum 4
 
-Targets: selection <= 5% of the MFT step; mask file <= 1.01 bits per masked weight.
+Targets: MFT step <= 0.55x FFT; selection <= 5% of the MFT step; MFT peak memory <= 0.45x FFT (live tensors on
+CPU, allocated memory on CUDA); mask file <= 1.01 bits per masked weight.
 """
 
 from __future__ import annotations
@@ -152,22 +155,26 @@ def run_arm(args) -> dict:
     else:
         result["mem_after_build_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-    step_times, selection_times = [], []
-    for step in range(args.warmup + args.steps):
-        sync(device)
-        start = time.perf_counter()
+    def one_step() -> float:
+        """One optimizer step; returns the time of its mask selection (cached MFT arm; else 0)."""
         for ids in batches:
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss / len(batches)
             loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        selection = 0.0
-        if args.arm == "mft":  # the one top-k per optimizer step, timed on its own
-            sync(device)
-            t0 = time.perf_counter()
-            refresh_masks(model)
-            sync(device)
-            selection = time.perf_counter() - t0
+        if args.arm != "mft":
+            return 0.0
+        sync(device)  # the one top-k per optimizer step, timed on its own
+        t0 = time.perf_counter()
+        refresh_masks(model)
+        sync(device)
+        return time.perf_counter() - t0
+
+    step_times, selection_times = [], []
+    for step in range(args.warmup + args.steps):
+        sync(device)
+        start = time.perf_counter()
+        selection = one_step()
         sync(device)
         if step >= args.warmup:
             step_times.append(time.perf_counter() - start)
@@ -189,7 +196,29 @@ def run_arm(args) -> dict:
         result["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
     else:
         result["peak_mem_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if args.tensor_peak:  # after the RSS peak was read: profiling takes memory of its own
+            result["tensor_peak_mb"] = tensor_peak_mb(one_step)
     return result
+
+
+def tensor_peak_mb(step) -> float | None:
+    """Peak of the live CPU tensors (those alive before included) while ``step()`` runs, from the torch profiler's
+    memory timeline; None where this torch no longer has it (deprecated in favour of CUDA memory snapshots)."""
+    import warnings
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        step()
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            prof.export_memory_timeline(os.path.join(tmp, "timeline.json"), device="cpu")
+        except (AttributeError, NotImplementedError):
+            return None
+        with open(os.path.join(tmp, "timeline.json")) as f:
+            _, sizes = json.load(f)  # [times, [bytes by category] per time]
+    return max(sum(point) for point in sizes) / 2**20
 
 
 def child_command(args, arm: str) -> list[str]:
@@ -197,7 +226,7 @@ def child_command(args, arm: str) -> list[str]:
     for key in ("shape", "device", "dtype", "layers", "batch", "seq_len", "grad_accum", "steps", "warmup",
                 "mask_ratio"):
         argv += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-    return argv
+    return argv + ([] if args.tensor_peak else ["--no-tensor-peak"])
 
 
 def print_table(args, results: list[dict]) -> None:
@@ -209,7 +238,7 @@ def print_table(args, results: list[dict]) -> None:
     cpu = args.device == "cpu"
     print(f"{'arm':<14}{'step s':>9}{'x FFT':>8}{'select ms':>11}{'select %':>10}"
           f"{mem_kind + ' MB':>20}{'x FFT':>8}{'after build MB':>16}"
-          + (f"{'above libraries MB':>20}{'x FFT':>8}" if cpu else ""))
+          + (f"{'above libraries MB':>20}{'x FFT':>8}{'tensor peak MB':>16}{'x FFT':>8}" if cpu else ""))
     for r in results:
         ratio = f"{r['step_s'] / fft['step_s']:.2f}" if fft else "-"
         mem_ratio = f"{r['peak_mem_mb'] / fft['peak_mem_mb']:.2f}" if fft else "-"
@@ -222,6 +251,9 @@ def print_table(args, results: list[dict]) -> None:
             above = r["peak_mem_mb"] - r["libraries_mb"]
             above_ratio = f"{above / (fft['peak_mem_mb'] - fft['libraries_mb']):.2f}" if fft else "-"
             line += f"{above:>20.0f}{above_ratio:>8}"
+            tensors, fft_tensors = r.get("tensor_peak_mb"), fft.get("tensor_peak_mb") if fft else None
+            line += f"{tensors:>16.0f}" if tensors else f"{'-':>16}"
+            line += f"{tensors / fft_tensors:>8.2f}" if tensors and fft_tensors else f"{'-':>8}"
         print(line)
     mft = next((r for r in results if r["arm"] == "mft"), None)
     if mft:
@@ -247,6 +279,8 @@ def main() -> None:
     parser.add_argument("--mask-ratio", type=float, default=0.1)
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--json", default=None, help="also write all measurements to this file")
+    parser.add_argument("--tensor-peak", action=argparse.BooleanOptionalAction, default=True,
+                        help="CPU: also profile one extra step for the peak of live tensors (slower)")
     parser.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)  # internal: run one arm, print JSON
     args = parser.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
