@@ -495,10 +495,11 @@ def _cpu_decode_matmuls(model: Any, batch_rows: int, store: PackedWeights | None
     ~89 vs 110-150 ms, 4-8 rows padded to 8 ~70 vs 92-135 ms. Fewer rows, and prefill, take the plain product
     on the weights as they are: for 1-3 rows the fastest layout, for prefill's hundreds of rows within ~5% of a
     packed one. The output projection's plain product is ``(W @ x^T)^T``, 1.2-1.75x faster at few rows."""
+    store = store if store is not None else PackedWeights()
     if _device(model).type != "cpu":
+        store.keep_only([])  # a model moved off the CPU: its packed CPU copies are of no use
         yield
         return
-    store = store if store is not None else PackedWeights()
     head = None
     with contextlib.suppress(AttributeError, NotImplementedError):
         head = model.get_output_embeddings()
