@@ -556,7 +556,7 @@ def _pack(weight: torch.Tensor, rows: int) -> torch.Tensor:
 
 PACKED_ROWS = (8, 16)  # packed sizes below the batch size (which is packed too), for the last rows of a call
 MIN_PACKED_ROWS = 4  # fewer rows: their plain product is cheaper than a padded packed one
-MAX_PACKED_BYTES = 2 << 30  # packed copies live beside the weights while generating
+MAX_PACKED_BYTES = 2 << 30  # packed copies live beside the weights as long as the backend
 
 
 def _mkl_packing_available() -> bool:
