@@ -484,18 +484,17 @@ def _shared_prefix_attention(model: Any, shared: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _cpu_decode_matmuls(model: Any, batch_rows: int, store: PackedWeights | None = None) -> Iterator[None]:
+def _cpu_decode_matmuls(model: Any, batch_rows: int, store: PackedWeights) -> Iterator[None]:
     """On CPU, make the few-row matmuls of decoding faster for the duration, restoring the model on exit.
 
     Each float32 ``nn.Linear`` (the output projection included) gets copies of its weight packed by MKL for
     products of 8, 16 and ``batch_rows`` rows (``torch.ops.mkl._mkl_linear``), taken from ``store`` when it
     holds them for the weight as it is now; a decode step is padded with zero rows to the smallest packed size
-    that holds it (``_packed_product``). Measured on SmolLM2-135M's decoder
-    linears with weights streaming from memory: 32 rows 102 vs 139-194 ms unpacked, 12-16 rows padded to 16
-    ~89 vs 110-150 ms, 4-8 rows padded to 8 ~70 vs 92-135 ms. Fewer rows, and prefill, take the plain product
-    on the weights as they are: for 1-3 rows the fastest layout, for prefill's hundreds of rows within ~5% of a
-    packed one. The output projection's plain product is ``(W @ x^T)^T``, 1.2-1.75x faster at few rows."""
-    store = store if store is not None else PackedWeights()
+    that holds it (``_packed_product``). Measured on SmolLM2-135M's decoder linears with weights streaming from
+    memory: 32 rows 102 vs 139-194 ms unpacked, 12-16 rows padded to 16 ~89 vs 110-150 ms, 4-8 rows padded to 8
+    ~70 vs 92-135 ms. Fewer rows, and prefill, take the plain product on the weights as they are: for 1-3 rows
+    the fastest layout, for prefill's hundreds of rows within ~5% of a packed one. The output projection's plain
+    product is ``(W @ x^T)^T``, 1.2-1.75x faster at few rows."""
     if _device(model).type != "cpu":
         store.keep_only([])  # a model moved off the CPU: its packed CPU copies are of no use
         yield
