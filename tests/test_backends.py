@@ -325,3 +325,26 @@ def test_shared_prefix_attention_equals_sdpa(groups):
         hf._shared_columns.reset(token)
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(got_float, expected)
+
+
+def test_finished_rows_leave_the_cache_in_place():
+    # Each finished row's place is taken by a kept row from the end, so a step copies one row per finished row;
+    # the buffered cache then holds exactly what index_select would give, in a view of its own buffers.
+    from transformers.cache_utils import DynamicCache
+
+    done = [False, True, False, False, True, False, True]
+    order = hf_backend._compaction(done)
+    assert order == [0, 5, 2, 3] and sorted(order) == [j for j, d in enumerate(done) if not d]
+    assert hf_backend._compaction([True, True]) == [] and hf_backend._compaction([False, False]) == [0, 1]
+    gen = torch.Generator().manual_seed(0)
+    keys, values = (torch.randn(len(done), 2, 5, 4, generator=gen) for _ in range(2))
+    cache = DynamicCache()
+    cache.update(keys.clone(), values.clone(), 0)
+    hf_backend._buffer(cache, 3)
+    storage = cache.layers[0].key_buffer.data_ptr()
+    cache.batch_select_indices(torch.tensor(order))
+    layer = cache.layers[0]
+    assert torch.equal(layer.keys, keys[order]) and torch.equal(layer.values, values[order])
+    assert layer.key_buffer.data_ptr() == storage  # no new buffer
+    layer.update(torch.ones(4, 2, 1, 4), torch.ones(4, 2, 1, 4))  # and it still grows in place
+    assert layer.keys.shape == (4, 2, 6, 4) and torch.equal(layer.keys[:, :, :5], keys[order])

@@ -86,9 +86,15 @@ if DynamicLayer is not None:
             return self.keys, self.values
 
         def batch_select_indices(self, indices: torch.Tensor) -> None:
-            used = self.keys.shape[-2]
-            self.key_buffer = self.key_buffer.index_select(0, indices)
-            self.value_buffer = self.value_buffer.index_select(0, indices)
+            """Row ``j`` becomes row ``indices[j]``, in place: only rows that change places are copied (with
+            the order ``_compaction`` gives, one per finished row), then the buffers are cut to the rows kept."""
+            used, rows = self.keys.shape[-2], len(indices)
+            moved = torch.nonzero(indices != torch.arange(rows, device=indices.device)).squeeze(1)
+            for name in ("key_buffer", "value_buffer"):
+                buffer = getattr(self, name)
+                if len(moved):
+                    buffer.index_copy_(0, moved, buffer.index_select(0, indices[moved]))  # read all, then write
+                setattr(self, name, buffer[:rows])
             self.keys, self.values = self.key_buffer[:, :, :used], self.value_buffer[:, :, :used]
 
     def _allocate(layer: Any, capacity: int) -> None:
@@ -372,7 +378,7 @@ class HFBackend:
             if not any(done):
                 continue
             if mergeable:
-                keep = [j for j, d in enumerate(done) if not d]
+                keep = _compaction(done)
                 active, next_tokens = [active[j] for j in keep], [next_tokens[j] for j in keep]
                 alive = [True] * len(keep)
                 if keep:
@@ -616,6 +622,17 @@ def _buffer(cache: Any, room: int) -> None:
     for layer in cache.layers:
         layer.__class__ = _BufferedLayer
         _allocate(layer, layer.keys.shape[-2] + room)
+
+
+def _compaction(done: list[bool]) -> list[int]:
+    """Batch positions of the rows not ``done``, in their new order: each finished row's place among the first
+    ones is taken by a kept row from the end, so only those rows move (see ``_BufferedLayer``)."""
+    kept = len(done) - sum(done)
+    order = list(range(kept))
+    holes = (j for j in range(kept) if done[j])
+    for hole, row in zip(holes, (j for j in range(kept, len(done)) if not done[j])):
+        order[hole] = row
+    return order
 
 
 def _select(cache: Any, mask: torch.Tensor, last: torch.Tensor, keep: list[int], device: torch.device):
