@@ -282,13 +282,13 @@ def test_shared_prefix_runs_once_and_changes_no_result(models, tokenizer, arch, 
     from mft_bench.evaluation.backends import hf
 
     decode_calls = []
-    attention = hf.shared_prefix_attention
+    attention = hf.generation_attention
 
     def counting_attention(module, query, *args, **kwargs):
         decode_calls.append(query.shape[2] == 1 and hf._shared_columns.get() > 0)
         return attention(module, query, *args, **kwargs)
 
-    monkeypatch.setattr(hf, "shared_prefix_attention", counting_attention)
+    monkeypatch.setattr(hf, "generation_attention", counting_attention)
     backend = HFBackend(model, tokenizer, batch_size=4)
     shared = len(backend.encode(GenerationRequest(shots + "Question: ")))
     assert backend.generate(requests) == alone
@@ -301,7 +301,7 @@ def test_shared_prefix_runs_once_and_changes_no_result(models, tokenizer, arch, 
 
 
 @pytest.mark.parametrize("groups", [1, 3])
-def test_shared_prefix_attention_equals_sdpa(groups):
+def test_shared_prefix_decode_attention_equals_sdpa(groups):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from mft_bench.evaluation.backends import hf
@@ -318,13 +318,42 @@ def test_shared_prefix_attention_equals_sdpa(groups):
     expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
     token = hf._shared_columns.set(shared)
     try:
-        got, _ = hf.shared_prefix_attention(module, query, key, value, mask, scaling=0.3)
+        got, _ = hf.generation_attention(module, query, key, value, mask, scaling=0.3)
         float_mask = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
-        got_float, _ = hf.shared_prefix_attention(module, query, key, value, float_mask, scaling=0.3)
+        got_float, _ = hf.generation_attention(module, query, key, value, float_mask, scaling=0.3)
     finally:
         hf._shared_columns.reset(token)
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(got_float, expected)
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+@pytest.mark.parametrize("masked", [False, True])
+def test_grouped_decode_attention_is_bitwise_sdpa(groups, masked):
+    # Without a shared prefix, a decode step's query heads are grouped by their key/value head instead of the
+    # key/values being copied per query head (transformers' path with a mask): the same products, so the same
+    # bits; without a mask transformers calls sdpa with enable_gqa, equal up to summation order.
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from mft_bench.evaluation.backends import hf
+
+    module = types.SimpleNamespace(num_key_value_groups=groups, training=False, is_causal=True)
+    batch, kv_heads, capacity, columns, dim = 6, 2, 20, 13, 8
+    gen = torch.Generator().manual_seed(1)
+    key, value = (torch.randn(batch, kv_heads, capacity, dim, generator=gen)[:, :, :columns] for _ in range(2))
+    query = torch.randn(batch, 1, kv_heads * groups, dim, generator=gen).transpose(1, 2)  # as the model makes it
+    mask = None
+    if masked:
+        mask = torch.ones(batch, 1, 1, columns, dtype=torch.bool)
+        mask[2, ..., :5] = False  # left padding
+        mask[4, ..., :1] = False
+    expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
+    got, _ = hf.generation_attention(module, query, key, value, mask, scaling=0.3)
+    assert got.shape == expected.shape
+    if masked or groups == 1:
+        assert torch.equal(got, expected)
+    else:
+        torch.testing.assert_close(got, expected)
 
 
 def test_finished_rows_leave_the_cache_in_place():
