@@ -86,7 +86,7 @@ if DynamicLayer is not None:
             return self.keys, self.values
 
         def batch_select_indices(self, indices: torch.Tensor) -> None:
-            """Row ``j`` becomes row ``indices[j]``, in place: only rows that change places are copied (with
+            """New row ``j`` is old row ``indices[j]``, in place: only rows that change places are copied (with
             the order ``_compaction`` gives, one per finished row), then the buffers are cut to the rows kept."""
             used, rows = self.keys.shape[-2], len(indices)
             moved = torch.nonzero(indices != torch.arange(rows, device=indices.device)).squeeze(1)
@@ -444,7 +444,7 @@ def generation_attention(module, query, key, value, attention_mask, dropout=0.0,
         if prefix:
             return _shared_prefix_decode(query, key, value, attention_mask, scaling, shared), None
         batch, heads, _, dim = query.shape
-        grouped = query.view(batch, key.shape[1], heads // key.shape[1], dim)  # query head h reads head h // group
+        grouped = query.reshape(batch, key.shape[1], heads // key.shape[1], dim)  # query head h: kv head h // group
         out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, scale=scaling)
         return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
     if ours and prefix and attention_mask is not None and attention_mask.dtype == torch.bool:
