@@ -377,3 +377,33 @@ def test_finished_rows_leave_the_cache_in_place():
     assert layer.key_buffer.data_ptr() == storage  # no new buffer
     layer.update(torch.ones(4, 2, 1, 4), torch.ones(4, 2, 1, 4))  # and it still grows in place
     assert layer.keys.shape == (4, 2, 6, 4) and torch.equal(layer.keys[:, :, :5], keys[order])
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_rows_are_merged_into_buffers_with_room(drop):
+    # Rows of several caches go into one tensor per layer, each padded after the shared prefix columns; columns
+    # no row attends to are dropped; with room, the layers are buffered and grow in place.
+    from transformers.cache_utils import DynamicCache
+
+    gen = torch.Generator().manual_seed(2)
+    shared, parts, expected = 2, [], []
+    for rows, own in ((3, 4), (2, 6)):
+        keys, values = (torch.randn(rows, 2, shared + own, 4, generator=gen) for _ in range(2))
+        cache = DynamicCache()
+        cache.update(keys, values, 0)
+        mask = torch.ones(rows, shared + own, dtype=torch.long)
+        if drop:
+            mask[:, shared] = 0  # the first own column, attended by no row of either part
+        parts.append((cache, mask))
+        expected.append(tuple(hf_backend._pad_at(t, shared + 6, shared, -2) for t in (keys, values)))
+    masks = torch.cat([hf_backend._pad_at(m, shared + 6, shared) for _, m in parts])
+    columns = torch.nonzero(masks.any(0)).squeeze(1)
+    cache, mask = hf_backend._concat_rows(parts, shared, room=5)
+    layer = cache.layers[0]
+    assert torch.equal(mask, masks[:, columns])
+    assert torch.equal(layer.keys, torch.cat([k for k, _ in expected])[:, :, columns])
+    assert torch.equal(layer.values, torch.cat([v for _, v in expected])[:, :, columns])
+    assert type(layer) is hf_backend._BufferedLayer and layer.key_buffer.shape[-2] == len(columns) + 5
+    storage = layer.key_buffer.data_ptr()
+    layer.update(torch.ones(5, 2, 1, 4), torch.ones(5, 2, 1, 4))
+    assert layer.key_buffer.data_ptr() == storage and layer.keys.shape[-2] == len(columns) + 1
