@@ -407,3 +407,83 @@ def test_rows_are_merged_into_buffers_with_room(drop):
     storage = layer.key_buffer.data_ptr()
     layer.update(torch.ones(5, 2, 1, 4), torch.ones(5, 2, 1, 4))
     assert layer.key_buffer.data_ptr() == storage and layer.keys.shape[-2] == len(columns) + 1
+
+
+@pytest.mark.parametrize("wider", [False, True])
+def test_rows_are_admitted_into_spare_rows_in_place(wider):
+    # A running batch takes prefilled rows by writing them into its buffers' spare rows, padded after the shared
+    # prefix to the batch's width: only the new rows are copied. Rows wider than the batch widen it first.
+    from transformers.cache_utils import DynamicCache
+
+    gen = torch.Generator().manual_seed(3)
+    shared, own, new_own = 2, 5, 7 if wider else 3
+    keys, values = (torch.randn(3, 2, shared + own, 4, generator=gen) for _ in range(2))
+    cache = DynamicCache()
+    cache.update(keys, values, 0)
+    hf_backend._buffer(cache, 4, rows=6)
+    storage = cache.layers[0].key_buffer.data_ptr()
+    mask = torch.ones(3, shared + own, dtype=torch.long)
+    mask[1, shared:shared + 2] = 0
+    new_keys, new_values = (torch.randn(4, 2, shared + new_own, 4, generator=gen) for _ in range(2))
+    new_keys[:, :, :shared], new_values[:, :, :shared] = keys[:1, :, :shared], values[:1, :, :shared]
+    new_cache = DynamicCache()
+    new_cache.update(new_keys, new_values, 0)
+    new_mask = torch.ones(4, shared + new_own, dtype=torch.long)
+    new_mask[0, shared] = 0
+    cache, merged = hf_backend._admit(cache, mask, new_cache, new_mask, 2, shared, rows=6)
+    width = shared + max(own, new_own)
+    pad = lambda t: hf_backend._pad_at(t, width, shared, -2)
+    layer = cache.layers[0]
+    assert torch.equal(layer.keys, torch.cat([pad(keys), pad(new_keys[:2])]))
+    assert torch.equal(layer.values, torch.cat([pad(values), pad(new_values[:2])]))
+    assert torch.equal(merged, torch.cat([hf_backend._pad_at(m, width, shared) for m in (mask, new_mask[:2])]))
+    assert (layer.key_buffer.data_ptr() == storage) != wider  # in place unless the batch had to widen
+    assert len(layer.key_buffer) == 6
+    rest = hf_backend._without_first_rows(new_cache, 2)
+    assert torch.equal(rest.layers[0].keys, new_keys[2:])
+
+
+def test_dead_columns_are_dropped_in_place_once_they_are_a_quarter():
+    from transformers.cache_utils import DynamicCache
+
+    gen = torch.Generator().manual_seed(4)
+    shared = 3
+    keys, values = (torch.randn(4, 2, shared + 8, 4, generator=gen) for _ in range(2))
+    cache = DynamicCache()
+    cache.update(keys, values, 0)
+    hf_backend._buffer(cache, 4, rows=5)
+    storage = cache.layers[0].key_buffer.data_ptr()
+    mask = torch.ones(4, shared + 8, dtype=torch.long)
+    mask[:, shared] = 0  # one dead column of 8: kept
+    assert hf_backend._drop_dead_columns(cache, mask, shared)[1] is mask
+    mask[:, shared + 1] = 0
+    mask[:2, shared + 2:shared + 5] = 0  # partly attended columns stay
+    live = torch.tensor([0, 1, 2, 5, 6, 7, 8, 9, 10])
+    cache, kept = hf_backend._drop_dead_columns(cache, mask, shared)
+    layer = cache.layers[0]
+    assert torch.equal(kept, mask[:, live])
+    assert torch.equal(layer.keys, keys[:, :, live]) and torch.equal(layer.values, values[:, :, live])
+    assert layer.key_buffer.data_ptr() == storage
+    layer.update(torch.ones(4, 2, 1, 4), torch.ones(4, 2, 1, 4))  # and it grows from there
+    assert layer.keys.shape[-2] == len(live) + 1 and torch.equal(layer.keys[:, :, :len(live)], keys[:, :, live])
+
+
+def test_the_batch_stays_full_while_prompts_wait(models, tokenizer, monkeypatch):
+    # A finished row's place is taken at the next step by a prefilled waiting row: until the last prefill every
+    # decode step runs a full batch (rows finish at different steps here: varied lengths and stops).
+    model = models["llama"]
+    requests = [GenerationRequest(p, max_new_tokens=2 + (5 * i) % 13, stop=("e",) if i % 3 == 0 else ())
+                for i, p in enumerate(prompts(30))]
+    alone = [HFBackend(model, tokenizer, batch_size=1).generate([r])[0] for r in requests]
+    shapes = []
+    original = model.forward
+
+    def recording_forward(*args, **kwargs):
+        shapes.append(tuple(kwargs["input_ids"].shape))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", recording_forward)
+    assert HFBackend(model, tokenizer, batch_size=8).generate(requests) == alone
+    last_prefill = max(i for i, (_, width) in enumerate(shapes) if width > 1)
+    steps = [rows for rows, width in shapes[:last_prefill] if width == 1]
+    assert len(steps) > 10 and set(steps) == {8}, steps

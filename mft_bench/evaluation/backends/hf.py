@@ -8,10 +8,14 @@ Why each choice:
 - Our own token loop over the KV cache instead of ``generate`` (continuous batching): a row that is finished
   (EOS, its stop string, its own ``max_new_tokens``) leaves the batch at once, where ``generate`` keeps
   computing it until the batch's longest row ends (for GSM8K-style answers about half of all row-steps), and
-  pending prompts are prefilled and merged into the running cache (left-padded to a common width) as soon as a
-  quarter of the batch is free, so the batch stays full until the last rows. The cache's keys/values live in
-  preallocated buffers, so a step writes one column instead of re-copying the cache. Greedy outputs equal
-  ``model.generate``'s (tested). A cache other than a plain ``DynamicCache`` falls back to fixed batches.
+  a waiting prompt takes its place at the next step, so the batch stays full until the last rows: pending
+  prompts are prefilled a group ahead, and each row, once a batch row is free, is written into a spare row of
+  the running cache (left-padded to its width), so admitting rows copies only them (merging whole caches
+  copied 1.25 GB per admission for 8-shot GSM8K, whose rows each hold the ~740-token exemplar block). The
+  cache's keys/values live in preallocated buffers, so a step writes one column instead of re-copying the
+  cache; columns left behind by finished rows are dropped in place once they are a quarter of the rest. Greedy
+  outputs equal ``model.generate``'s (tested). A cache other than a plain ``DynamicCache`` falls back to fixed
+  batches.
 - Greedy results do not depend on the batch size, up to floating-point reduction order (a padded row runs a
   longer, zero-weighted key range and other matmul shapes; on CPU fp32 this has not changed an argmax in our
   tests, but a near-tie between two logits could in principle flip).
@@ -71,41 +75,43 @@ except ImportError:  # older: no row merging, finished rows stay in the batch
 if DynamicLayer is not None:
 
     class _BufferedLayer(DynamicLayer):
-        """A ``DynamicLayer`` whose keys/values are views into preallocated buffers with room to grow: a decode
-        step writes one column in place instead of re-copying the whole cache (``torch.cat``) as
-        ``DynamicLayer.update`` does. Values are the same; only the storage differs."""
+        """A ``DynamicLayer`` whose keys/values are views ``[:rows, :, :columns]`` of preallocated buffers with room
+        to grow: a decode step writes one column in place instead of re-copying the whole cache (``torch.cat``)
+        as ``DynamicLayer.update`` does, and rows admitted into a running batch are written into spare rows
+        (``_admit``). Values are the same; only the storage differs."""
 
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
-            used, extra = self.keys.shape[-2], key_states.shape[-2]
+            rows, used, extra = self.keys.shape[0], self.keys.shape[-2], key_states.shape[-2]
             if used + extra > self.key_buffer.shape[-2]:
                 _allocate(self, used + extra + max(extra, 64))
-            self.key_buffer[:, :, used:used + extra] = key_states
-            self.value_buffer[:, :, used:used + extra] = value_states
-            self.keys = self.key_buffer[:, :, :used + extra]
-            self.values = self.value_buffer[:, :, :used + extra]
+            self.key_buffer[:rows, :, used:used + extra] = key_states
+            self.value_buffer[:rows, :, used:used + extra] = value_states
+            self.keys = self.key_buffer[:rows, :, :used + extra]
+            self.values = self.value_buffer[:rows, :, :used + extra]
             return self.keys, self.values
 
         def batch_select_indices(self, indices: torch.Tensor) -> None:
             """New row ``j`` is old row ``indices[j]``, in place: only rows that change places are copied (with
-            the order ``_compaction`` gives, one per finished row), then the buffers are cut to the rows kept."""
+            the order ``_compaction`` gives, one per finished row); the rows after them become spare."""
             used, rows = self.keys.shape[-2], len(indices)
             moved = torch.nonzero(indices != torch.arange(rows, device=indices.device)).squeeze(1)
-            for name in ("key_buffer", "value_buffer"):
-                buffer = getattr(self, name)
-                if len(moved):
+            if len(moved):
+                for buffer in (self.key_buffer[:, :, :used], self.value_buffer[:, :, :used]):  # (not the spare)
                     buffer.index_copy_(0, moved, buffer.index_select(0, indices[moved]))  # read all, then write
-                setattr(self, name, buffer[:rows])
-            self.keys, self.values = self.key_buffer[:, :, :used], self.value_buffer[:, :, :used]
+            self.keys, self.values = self.key_buffer[:rows, :, :used], self.value_buffer[:rows, :, :used]
 
-    def _allocate(layer: Any, capacity: int) -> None:
-        """(Re)place ``layer``'s keys/values in buffers of ``capacity`` columns."""
+    def _allocate(layer: Any, capacity: int, rows: int = 0) -> None:
+        """(Re)place ``layer``'s keys/values in buffers of ``capacity`` columns and at least ``rows`` rows (at least
+        as many as it has now, spare ones included)."""
         used = layer.keys.shape[-2]
-        shape = (*layer.keys.shape[:2], capacity, layer.keys.shape[-1])
-        layer.key_buffer = layer.keys.new_empty(shape)
-        layer.value_buffer = layer.values.new_empty(shape)
-        layer.key_buffer[:, :, :used] = layer.keys
-        layer.value_buffer[:, :, :used] = layer.values
-        layer.keys, layer.values = layer.key_buffer[:, :, :used], layer.value_buffer[:, :, :used]
+        rows = max(rows, layer.keys.shape[0], len(getattr(layer, "key_buffer", ())))
+        shape = (rows, layer.keys.shape[1], capacity, layer.keys.shape[-1])
+        count = layer.keys.shape[0]
+        key_buffer, value_buffer = layer.keys.new_empty(shape), layer.values.new_empty(shape)
+        key_buffer[:count, :, :used] = layer.keys
+        value_buffer[:count, :, :used] = layer.values
+        layer.key_buffer, layer.value_buffer = key_buffer, value_buffer
+        layer.keys, layer.values = key_buffer[:count, :, :used], value_buffer[:count, :, :used]
 
 
 @dataclass(frozen=True)
@@ -221,7 +227,7 @@ class HFBackend:
         return grouped
 
     def _prefill(
-        self, prompts: list[list[int]], prefix: tuple[Any, int] | None = None, room: int = 0,
+        self, prompts: list[list[int]], prefix: tuple[Any, int] | None = None, room: int = 0, rows: int = 0,
     ) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``_prefill_padded`` in groups of ``PREFILL_ROWS`` prompts (neighbours in length order), merged into one
         cache (with ``room`` free columns, see ``_concat_rows``): padding is limited to each group's longest prompt
@@ -235,7 +241,7 @@ class HFBackend:
         parts = [first] + [self._prefill_padded(prompts[start:start + PREFILL_ROWS], prefix)
                            for start in range(PREFILL_ROWS, len(prompts), PREFILL_ROWS)]
         cache, mask = _concat_rows([(part[0], part[1]) for part in parts], prefix[1] if prefix is not None else 0,
-                                   room)
+                                   room, rows)
         return cache, mask, torch.cat([part[2] for part in parts]), torch.cat([part[3] for part in parts])
 
     def _prefill_padded(
@@ -294,9 +300,11 @@ class HFBackend:
     ) -> list[list[int]]:
         """Token-by-token decoding over one KV cache, at most ``batch_size`` rows at a time, in row order.
 
-        A finished row leaves the batch at once, and pending rows are admitted (prefilled, then merged into the
-        cache) once a quarter of the batch is free, so the batch stays nearly full until the last rows. A row's
-        tokens depend only on its own prompt (and seed): every row has its own positions, mask and generator.
+        A finished row leaves the batch at once and a waiting row takes its place at the next step, so the batch
+        stays full until the last rows: pending prompts are prefilled a group (``PREFILL_ROWS``) at a time as
+        soon as a row is free, and the group's rows wait, prefilled, for free rows (``_admit`` writes them into
+        the cache's spare rows: only they are copied). A row's tokens depend only on its own prompt (and seed):
+        every row has its own positions, mask and generator.
         A cache that cannot be merged or pruned (not a plain ``DynamicCache``) keeps finished rows, ignored,
         and takes new rows only once its whole batch is finished.
         """
@@ -307,7 +315,6 @@ class HFBackend:
         generated: list[list[int]] = [[] for _ in requests]
         pending = list(range(len(requests)))  # already longest prompt first
         pending.reverse()  # pop() from the end
-        refill_at = max(1, self.batch_size // 4)
         cache: Any = None
         mergeable = False
         active: list[int] = []  # row of each batch position
@@ -340,36 +347,45 @@ class HFBackend:
                         done[j] = True
             return done
 
+        staged = None  # prefilled rows waiting for free batch rows: (cache, mask, last, rows, tokens)
         while True:
-            while pending and (cache is None or (
-                    mergeable and self.batch_size - len(active) >= min(refill_at, len(pending)))):
-                new_rows = [pending.pop() for _ in range(min(self.batch_size - len(active), len(pending)))]
-                room = max(requests[r].max_new_tokens for r in active + new_rows)  # columns decoding will add
-                new_cache, new_mask, new_last, logits = self._prefill(
-                    [prompts[r] for r in new_rows], prefix, room if cache is None else 0)
-                new_tokens = pick(logits, new_rows)
-                done = accept(new_rows, new_tokens, [True] * len(new_rows))
-                if cache is None:
-                    mergeable = _mergeable(new_cache)
-                if not mergeable:  # a fresh batch (the cache was empty); finished rows stay, ignored
-                    cache, mask, last = new_cache, new_mask, new_last
-                    active, next_tokens, alive = new_rows, new_tokens, [not d for d in done]
-                else:
+            while (pending or staged is not None) and len(active) < self.batch_size and (cache is None or mergeable):
+                free = self.batch_size - len(active)
+                if staged is None:  # prefill: a fresh batch what fits, a running one a group ahead
+                    count = min(len(pending), free if cache is None else max(free, min(PREFILL_ROWS, self.batch_size)))
+                    new_rows = [pending.pop() for _ in range(count)]
+                    room = max(requests[r].max_new_tokens for r in active + new_rows)  # columns decoding will add
+                    new_cache, new_mask, new_last, logits = self._prefill(
+                        [prompts[r] for r in new_rows], prefix, room if cache is None else 0, self.batch_size)
+                    new_tokens = pick(logits, new_rows)
+                    done = accept(new_rows, new_tokens, [True] * len(new_rows))
+                    if cache is None:
+                        mergeable = _mergeable(new_cache)
+                    if not mergeable:  # a fresh batch (the cache was empty); finished rows stay, ignored
+                        cache, mask, last = new_cache, new_mask, new_last
+                        active, next_tokens, alive = new_rows, new_tokens, [not d for d in done]
+                        if not any(alive):
+                            cache, active, alive, next_tokens = None, [], [], []
+                        continue
                     keep = [j for j, d in enumerate(done) if not d]
-                    if keep:
-                        if len(keep) < len(new_rows):
-                            new_cache, new_mask, new_last = _select(new_cache, new_mask, new_last, keep, device)
-                        if cache is None:
-                            cache, mask, last = new_cache, new_mask, new_last
-                        else:
-                            cache, mask = _merge(cache, mask, new_cache, new_mask, shared, room)
-                            last = torch.cat([last, new_last])
-                        _buffer(cache, room)
-                        active = active + [new_rows[j] for j in keep]
-                        next_tokens = next_tokens + [new_tokens[j] for j in keep]
-                        alive = alive + [True] * len(keep)
-                if not any(alive):
-                    cache, active, alive, next_tokens = None, [], [], []
+                    if not keep:
+                        continue
+                    if len(keep) < len(new_rows):
+                        new_cache, new_mask, new_last = _select(new_cache, new_mask, new_last, keep, device)
+                    staged = (new_cache, new_mask, new_last, [new_rows[j] for j in keep], [new_tokens[j] for j in keep])
+                new_cache, new_mask, new_last, new_rows, new_tokens = staged
+                take = min(free, len(new_rows))
+                if cache is None:  # (then everything staged fits: at most a batch is staged)
+                    cache, mask, last = new_cache, new_mask, new_last
+                    _buffer(cache, max(requests[r].max_new_tokens for r in new_rows), self.batch_size)
+                else:
+                    cache, mask = _admit(cache, mask, new_cache, new_mask, take, shared, self.batch_size)
+                    last = torch.cat([last, new_last[:take]])
+                active, next_tokens = active + new_rows[:take], next_tokens + new_tokens[:take]
+                alive = alive + [True] * take
+                staged = None if take == len(new_rows) else (
+                    _without_first_rows(new_cache, take), new_mask[take:], new_last[take:], new_rows[take:],
+                    new_tokens[take:])
             if not active:
                 return generated
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
@@ -387,6 +403,7 @@ class HFBackend:
                 alive = [True] * len(keep)
                 if keep:
                     cache, mask, last = _select(cache, mask, last, keep, device)
+                    cache, mask = _drop_dead_columns(cache, mask, shared)
                 else:
                     cache = None
             else:
@@ -639,14 +656,15 @@ def _mergeable(cache: Any) -> bool:
         type(layer) in (DynamicLayer, _BufferedLayer) and getattr(layer, "is_initialized", False) for layer in layers)
 
 
-def _buffer(cache: Any, room: int) -> None:
-    """Give every layer of ``cache`` preallocated room for ``room`` more columns (see ``_BufferedLayer``), unless
-    it has that room already."""
+def _buffer(cache: Any, room: int, rows: int = 0) -> None:
+    """Give every layer of ``cache`` preallocated room for ``room`` more columns and ``rows`` rows in all (see
+    ``_BufferedLayer``), unless it has that room already."""
     for layer in cache.layers:
-        if type(layer) is _BufferedLayer and layer.key_buffer.shape[-2] >= layer.keys.shape[-2] + room:
+        if (type(layer) is _BufferedLayer and layer.key_buffer.shape[-2] >= layer.keys.shape[-2] + room
+                and len(layer.key_buffer) >= rows):
             continue
         layer.__class__ = _BufferedLayer
-        _allocate(layer, layer.keys.shape[-2] + room)
+        _allocate(layer, layer.keys.shape[-2] + room, rows)
 
 
 def _compaction(done: list[bool]) -> list[int]:
@@ -667,20 +685,67 @@ def _select(cache: Any, mask: torch.Tensor, last: torch.Tensor, keep: list[int],
     return cache, mask[index], last[index]
 
 
-def _merge(
-    cache: Any, mask: torch.Tensor, new_cache: Any, new_mask: torch.Tensor, shared: int = 0, room: int = 0,
+def _admit(
+    cache: Any, mask: torch.Tensor, new_cache: Any, new_mask: torch.Tensor, count: int, shared: int, rows: int,
 ) -> tuple[Any, torch.Tensor]:
-    """Append the rows of ``new_cache`` to ``cache`` (see ``_concat_rows``)."""
-    return _concat_rows([(cache, mask), (new_cache, new_mask)], shared, room)
+    """Append the first ``count`` rows of ``new_cache`` to the buffered ``cache`` (which gets at least ``rows``
+    rows of buffer), written into its spare buffer rows and padded after the ``shared`` prefix columns to its
+    width, so a running batch takes new rows by copying only them. Rows wider than the cache first widen it
+    (the one case that copies the cache)."""
+    width = max(mask.shape[1], new_mask.shape[1])
+    if width > mask.shape[1]:
+        mask = _pad_at(mask, width, shared)
+        for layer in cache.layers:
+            spare = max(layer.key_buffer.shape[-2] - layer.keys.shape[-2], 64)
+            for name in ("key", "value"):
+                merged = _stack_rows([getattr(layer, name + "s")], width, shared, spare, len(layer.key_buffer))
+                setattr(layer, name + "_buffer", merged)
+                setattr(layer, name + "s", merged[:len(mask), :, :width])
+    _buffer(cache, 0, max(rows, len(mask) + count))
+    used = len(mask)
+    for layer, new_layer in zip(cache.layers, new_cache.layers):
+        for name in ("key", "value"):
+            buffer = getattr(layer, name + "_buffer")
+            _place(buffer[used:used + count], getattr(new_layer, name + "s")[:count], width, shared)
+            setattr(layer, name + "s", buffer[:used + count, :, :width])
+    return cache, torch.cat([mask, _pad_at(new_mask[:count], width, shared)])
 
 
-def _concat_rows(parts: list[tuple[Any, torch.Tensor]], shared: int = 0, room: int = 0) -> tuple[Any, torch.Tensor]:
+def _without_first_rows(cache: Any, count: int) -> Any:
+    """``cache`` without its first ``count`` rows (views of the rest)."""
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[count:], layer.values[count:]
+    return cache
+
+
+def _drop_dead_columns(cache: Any, mask: torch.Tensor, shared: int) -> tuple[Any, torch.Tensor]:
+    """``cache`` without the columns no row attends to (left behind by finished rows) once they are a quarter of
+    the columns after the ``shared`` prefix, in place: the live columns after the prefix move left in their
+    buffers (the prefix columns, attended by every row, stay where they are)."""
+    live = torch.nonzero(mask.bool().any(0)).squeeze(1)
+    dead = mask.shape[1] - len(live)
+    if not dead or dead * 4 < mask.shape[1] - shared:
+        return cache, mask
+    own = live[shared:]  # (every row attends to the prefix columns: they are live[:shared])
+    width = shared + len(own)
+    for layer in cache.layers:
+        for name in ("key", "value"):
+            buffer = getattr(layer, name + "_buffer")
+            buffer[:len(mask), :, shared:width] = getattr(layer, name + "s").index_select(-2, own)
+            setattr(layer, name + "s", buffer[:len(mask), :, :width])
+    return cache, mask[:, live]
+
+
+def _concat_rows(
+    parts: list[tuple[Any, torch.Tensor]], shared: int = 0, room: int = 0, rows: int = 0,
+) -> tuple[Any, torch.Tensor]:
     """One cache (the first part's object) holding the rows of all ``parts`` in order, each padded to the widest
     right after its ``shared`` prefix columns (so those stay the same columns in every row), without the columns
     no row attends to (so the cache does not keep growing as rows come and go). With ``room``, its layers are
-    ``_BufferedLayer``s with that many free columns. Each part is copied once, by slices, into its rows of the
-    merged tensor (a second copy only when columns are dropped): for 8-shot GSM8K's 32 prompts with their ~740
-    shared columns, concatenating padded copies and then buffering them took 3.3 s of a 39 s call."""
+    ``_BufferedLayer``s with that many free columns (and at least ``rows`` rows). Each part is copied once, by
+    slices, into its rows of the merged tensor (a second copy only when columns are dropped): for 8-shot GSM8K's
+    32 prompts with their ~740 shared columns, concatenating padded copies and then buffering them took 3.3 s of
+    a 39 s call."""
     width = max(part_mask.shape[1] for _, part_mask in parts)
     mask = torch.cat([_pad_at(part_mask, width, shared) for _, part_mask in parts])
     attended = mask.any(0)
@@ -689,37 +754,43 @@ def _concat_rows(parts: list[tuple[Any, torch.Tensor]], shared: int = 0, room: i
         mask = mask[:, columns]
     cache = parts[0][0]
     for index, layer in enumerate(cache.layers):
-        buffered = room > 0 or type(layer) is _BufferedLayer
         for name in ("key", "value"):
             tensors = [getattr(part.layers[index], name + "s") for part, _ in parts]
             if columns is None:
-                merged = _stack_rows(tensors, width, shared, room if buffered else 0)
-                if buffered:
+                merged = _stack_rows(tensors, width, shared, room, rows if room else 0)
+                if room:
                     setattr(layer, name + "_buffer", merged)
-                setattr(layer, name + "s", merged[:, :, :width])
+                setattr(layer, name + "s", merged[:len(mask), :, :width])
             else:
                 setattr(layer, name + "s", _stack_rows(tensors, width, shared).index_select(-2, columns))
-        if buffered:
+        if room:
             layer.__class__ = _BufferedLayer
             if columns is not None:
-                _allocate(layer, layer.keys.shape[-2] + room)
+                _allocate(layer, layer.keys.shape[-2] + room, rows)
     return cache, mask
 
 
-def _stack_rows(tensors: list[torch.Tensor], width: int, shared: int, room: int = 0) -> torch.Tensor:
-    """The rows of ``tensors`` (batch, heads, columns, dim) in one tensor of ``width + room`` columns, each
-    padded with zeros right after its first ``shared`` columns to ``width`` (zeros: padded columns are masked,
-    but a masked value must be finite); the ``room`` columns are left unwritten."""
+def _stack_rows(tensors: list[torch.Tensor], width: int, shared: int, room: int = 0, rows: int = 0) -> torch.Tensor:
+    """The rows of ``tensors`` (batch, heads, columns, dim) in one tensor of ``width + room`` columns and at least
+    ``rows`` rows, each padded with zeros right after its first ``shared`` columns to ``width`` (``_place``); the
+    ``room`` columns and spare rows are left unwritten."""
     first = tensors[0]
-    out = first.new_empty((sum(len(t) for t in tensors), first.shape[1], width + room, first.shape[-1]))
+    total = sum(len(t) for t in tensors)
+    out = first.new_empty((max(total, rows), first.shape[1], width + room, first.shape[-1]))
     row = 0
     for t in tensors:
-        rows, pad = out[row:row + len(t)], width - t.shape[-2]
-        rows[:, :, :shared] = t[:, :, :shared]
-        rows[:, :, shared:shared + pad] = 0
-        rows[:, :, shared + pad:width] = t[:, :, shared:]
+        _place(out[row:row + len(t)], t, width, shared)
         row += len(t)
     return out
+
+
+def _place(target: torch.Tensor, t: torch.Tensor, width: int, shared: int) -> None:
+    """Write ``t`` into ``target``'s first ``width`` columns, padded with zeros right after its first ``shared``
+    columns (zeros: padded columns are masked, but a masked value must be finite)."""
+    pad = width - t.shape[-2]
+    target[:, :, :shared] = t[:, :, :shared]
+    target[:, :, shared:shared + pad] = 0
+    target[:, :, shared + pad:width] = t[:, :, shared:]
 
 
 def _pad_at(t: torch.Tensor, width: int, at: int, dim: int = -1) -> torch.Tensor:
