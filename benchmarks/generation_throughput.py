@@ -33,8 +33,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from mft_bench.evaluation.backends import truncate_at_stop  # noqa: E402
 from mft_bench.evaluation.backends.hf import HFBackend  # noqa: E402
 from mft_bench.evaluation.base import GenerationRequest  # noqa: E402
+from mft_bench.evaluation.gsm8k import STOP_SEQUENCES  # noqa: E402
 
 NAMES = ["Janet", "Tom", "Maria", "Ken", "Aisha", "Liam", "Sofia", "Omar"]
 ITEMS = ["apples", "pencils", "stickers", "cookies", "marbles", "books"]
@@ -93,15 +95,18 @@ def count_tokens(tokenizer, texts: list[str]) -> int:
     return sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
 
 
-def plain_loop(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
-    """The baseline: one ``generate`` call per prompt, greedy, no padding."""
+def plain_loop(model, tokenizer, prompts: list[str], max_new_tokens: int, stops: tuple[str, ...] = ()) -> list[str]:
+    """The baseline: one ``generate`` call per prompt, greedy, no padding; with ``stops``, each stops at its first
+    stop string (transformers' ``stop_strings``) and is cut before it, as the backend's completions are."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stopping = {"stop_strings": list(stops), "tokenizer": tokenizer} if stops else {}
     outs = []
     with torch.inference_mode():
         for p in prompts:
             enc = tokenizer(p, return_tensors="pt")
-            ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-            outs.append(tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+            ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, **stopping)
+            text = tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            outs.append(truncate_at_stop(text, stops))
     return outs
 
 
@@ -112,6 +117,8 @@ def main() -> None:
     parser.add_argument("--loop-prompts", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--stops", action="store_true",
+                        help="stop at the GSM8K evaluation's stop strings on both sides (default: none)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="alternate the two sides this many times and report medians (a noisy machine)")
     parser.add_argument("--threads", type=int, default=None,
@@ -123,7 +130,8 @@ def main() -> None:
     model, tokenizer, description = load_model()
     model.eval()
     prompts = gsm8k_like_prompts(args.prompts) if args.workload == "zero-shot" else gsm8k_8shot_prompts(args.prompts)
-    requests = [GenerationRequest(p, max_new_tokens=args.max_new_tokens) for p in prompts]
+    stops = tuple(STOP_SEQUENCES) if args.stops else ()
+    requests = [GenerationRequest(p, max_new_tokens=args.max_new_tokens, stop=stops) for p in prompts]
     backend = HFBackend(model, tokenizer, batch_size=args.batch_size)
     start = time.process_time()
     backend.generate(requests[:2])  # warm-up, not timed: first-call allocations, and the decode weights' packing,
@@ -137,7 +145,7 @@ def main() -> None:
         batched = [o[0] for o in backend.generate(requests)]
         batched_s, batched_cpu = time.perf_counter() - start, time.process_time() - cpu
         start, cpu = time.perf_counter(), time.process_time()
-        looped = plain_loop(model, tokenizer, loop_prompts, args.max_new_tokens)
+        looped = plain_loop(model, tokenizer, loop_prompts, args.max_new_tokens, stops)
         rounds.append((batched_s, batched_cpu, time.perf_counter() - start, time.process_time() - cpu))
     batched_tokens = count_tokens(tokenizer, batched)
     loop_tokens = count_tokens(tokenizer, looped)
@@ -149,6 +157,7 @@ def main() -> None:
     print(f"workload: {args.workload}, {len(prompts)} prompts of {min(prompt_tokens)}-{max(prompt_tokens)} tokens "
           f"(mean {sum(prompt_tokens) / len(prompts):.0f})")
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, greedy, max_new_tokens {args.max_new_tokens}, "
+          f"stop strings: {list(stops) if stops else 'none'}, "
           f"{args.rounds} round(s), medians")
     header = f"{'method':<34}{'prompts':>8}{'tokens':>8}{'wall s':>9}{'tokens/s':>10}{'cpu s':>9}{'tok/cpu-s':>10}"
     print(header)
