@@ -487,3 +487,18 @@ def test_the_batch_stays_full_while_prompts_wait(models, tokenizer, monkeypatch)
     last_prefill = max(i for i, (_, width) in enumerate(shapes) if width > 1)
     steps = [rows for rows, width in shapes[:last_prefill] if width == 1]
     assert len(steps) > 10 and set(steps) == {8}, steps
+
+
+def test_cache_rows_are_allocated_for_the_rows_a_call_can_have(models, tokenizer, monkeypatch):
+    # A call with fewer prompts than the batch size allocates cache rows for those prompts only.
+    seen = []
+    original = hf_backend._buffer
+
+    def recording(cache, room, rows=0):
+        original(cache, room, rows)
+        seen.append(len(cache.layers[0].key_buffer))
+
+    monkeypatch.setattr(hf_backend, "_buffer", recording)
+    requests = [GenerationRequest(p, max_new_tokens=4) for p in prompts(3)]
+    HFBackend(models["llama"], tokenizer, batch_size=32).generate(requests)
+    assert seen and set(seen) == {3}

@@ -348,6 +348,7 @@ class HFBackend:
             return done
 
         staged = None  # prefilled rows waiting for free batch rows: (cache, mask, last, rows, tokens)
+        capacity = min(self.batch_size, len(requests))  # cache rows to allocate (a short call needs fewer)
         while True:
             while (pending or staged is not None) and len(active) < self.batch_size and (cache is None or mergeable):
                 free = self.batch_size - len(active)
@@ -356,7 +357,7 @@ class HFBackend:
                     new_rows = [pending.pop() for _ in range(count)]
                     room = max(requests[r].max_new_tokens for r in active + new_rows)  # columns decoding will add
                     new_cache, new_mask, new_last, logits = self._prefill(
-                        [prompts[r] for r in new_rows], prefix, room if cache is None else 0, self.batch_size)
+                        [prompts[r] for r in new_rows], prefix, room if cache is None else 0, capacity)
                     new_tokens = pick(logits, new_rows)
                     done = accept(new_rows, new_tokens, [True] * len(new_rows))
                     if cache is None:
@@ -377,9 +378,9 @@ class HFBackend:
                 take = min(free, len(new_rows))
                 if cache is None:  # (then everything staged fits: at most a batch is staged)
                     cache, mask, last = new_cache, new_mask, new_last
-                    _buffer(cache, max(requests[r].max_new_tokens for r in new_rows), self.batch_size)
+                    _buffer(cache, max(requests[r].max_new_tokens for r in new_rows), capacity)
                 else:
-                    cache, mask = _admit(cache, mask, new_cache, new_mask, take, shared, self.batch_size)
+                    cache, mask = _admit(cache, mask, new_cache, new_mask, take, shared, capacity)
                     last = torch.cat([last, new_last[:take]])
                 active, next_tokens = active + new_rows[:take], next_tokens + new_tokens[:take]
                 alive = alive + [True] * take
