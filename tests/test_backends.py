@@ -502,3 +502,39 @@ def test_cache_rows_are_allocated_for_the_rows_a_call_can_have(models, tokenizer
     requests = [GenerationRequest(p, max_new_tokens=4) for p in prompts(3)]
     HFBackend(models["llama"], tokenizer, batch_size=32).generate(requests)
     assert seen and set(seen) == {3}
+
+
+def test_stream_yields_each_request_once_as_it_finishes(models, tokenizer, monkeypatch):
+    # Requests come out as they finish, each once, with what generate gives; between two results nothing of
+    # the generation is in force in the caller's code.
+    model = models["llama"]
+    requests = [GenerationRequest(p, max_new_tokens=1 if i % 4 == 0 else 12) for i, p in enumerate(prompts(12))]
+    requests += [GenerationRequest(p, max_new_tokens=6, temperature=0.9, n=2) for p in prompts(3)]
+    backend = HFBackend(model, tokenizer, batch_size=4)
+    expected = backend.generate(requests)
+    forwards = []
+    original = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: forwards.append(1) or original(*a, **k))
+    order, got, seen_at = [], {}, []
+    for index, completions in backend.generate_stream(requests):
+        assert not torch.is_inference_mode_enabled() and torch.is_grad_enabled()
+        assert model.config._attn_implementation == "sdpa"
+        assert not any("forward" in m.__dict__ for m in model.modules() if m is not model)
+        order.append(index)
+        got[index] = completions
+        seen_at.append(len(forwards))
+    assert sorted(order) == list(range(len(requests)))
+    assert [got[i] for i in range(len(requests))] == expected
+    assert all(len(got[i]) == 2 for i in range(12, 15))
+    assert order != sorted(order)
+    assert seen_at[0] < len(forwards) / 4 and len(set(seen_at)) >= 5, (seen_at, len(forwards))
+
+
+def test_stream_closed_early_leaves_the_model_as_it_was(models, tokenizer):
+    model = models["llama"]
+    stream = HFBackend(model, tokenizer, batch_size=2).generate_stream(
+        [GenerationRequest(p, max_new_tokens=4) for p in prompts(6)])
+    next(stream)
+    stream.close()
+    assert model.config._attn_implementation == "sdpa" and not torch.is_inference_mode_enabled()
+    assert not any("forward" in m.__dict__ for m in model.modules())

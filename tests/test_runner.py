@@ -88,6 +88,21 @@ class CountingBackend:
         return self.inner.generate(requests)
 
 
+class StreamingBackend:
+    """Wraps a backend's ``generate_stream``; raises after ``fail_after`` results (a simulated interruption)."""
+
+    def __init__(self, inner: HFBackend, fail_after: int | None = None):
+        self.inner, self.fail_after, self.calls, self.results = inner, fail_after, 0, 0
+
+    def generate_stream(self, requests: list[GenerationRequest]):
+        self.calls += 1
+        for result in self.inner.generate_stream(requests):
+            if self.fail_after is not None and self.results >= self.fail_after:
+                raise KeyboardInterrupt("simulated interruption")
+            self.results += 1
+            yield result
+
+
 @pytest.fixture(scope="module")
 def tiny():
     from mft_bench.backbone import load_backbone
@@ -103,9 +118,10 @@ def echo(monkeypatch):
     return monkeypatch
 
 
-def use_backend(monkeypatch, backend_holder: list, fail_after: int | None = None) -> None:
+def use_backend(monkeypatch, backend_holder: list, fail_after: int | None = None, wrapper=None) -> None:
     def factory(name, model, tokenizer, *, model_path, batch_size, seed):
-        backend = CountingBackend(HFBackend(model, tokenizer, batch_size=batch_size, seed=seed), fail_after)
+        inner = HFBackend(model, tokenizer, batch_size=batch_size, seed=seed)
+        backend = (wrapper or CountingBackend)(inner, fail_after)
         backend_holder.append(backend)
         return backend
 
@@ -157,6 +173,33 @@ def test_resume_after_interruption_is_byte_identical(tiny, echo, tmp_path):
     assert read(resumed / "records.jsonl") == read(full / "records.jsonl")
     assert read(resumed / "metrics.json") == read(full / "metrics.json")
     assert metrics == json.loads(read(full / "metrics.json"))
+
+
+def test_streamed_items_are_generated_in_one_call_and_recorded_as_they_finish(tiny, echo, tmp_path):
+    # The hf backend streams: every item in one generate_stream call, each record written (flushed) as its item
+    # finishes; an interruption keeps those records, and the resumed run ends as a chunked one does.
+    model, tok = tiny
+    chunked, streamed, killed = tmp_path / "chunked", tmp_path / "streamed", tmp_path / "killed"
+    backends: list = []
+    use_backend(echo, backends)  # generate only: chunks of 4 x batch 2
+    runner.evaluate(model, tok, "echo", chunked, batch_size=2)
+    assert backends[-1].calls == 3
+    use_backend(echo, backends, wrapper=StreamingBackend)
+    runner.evaluate(model, tok, "echo", streamed, batch_size=2)
+    assert backends[-1].calls == 1 and backends[-1].results == 20
+    assert read(streamed / "records.jsonl") == read(chunked / "records.jsonl")
+    assert read(streamed / "metrics.json") == read(chunked / "metrics.json")
+
+    use_backend(echo, backends, fail_after=7, wrapper=StreamingBackend)
+    with pytest.raises(KeyboardInterrupt):
+        runner.evaluate(model, tok, "echo", killed, batch_size=2)
+    kept = [json.loads(line)["id"] for line in (killed / "records.jsonl").read_text().splitlines()]
+    assert len(kept) == 7 and kept != sorted(kept, key=lambda i: int(i.split("/")[1])), kept  # finishing order
+    use_backend(echo, backends, wrapper=StreamingBackend)
+    runner.evaluate(model, tok, "echo", killed, batch_size=2)
+    assert backends[-1].results == 13, "only the missing items are generated"
+    assert read(killed / "records.jsonl") == read(chunked / "records.jsonl")
+    assert read(killed / "metrics.json") == read(chunked / "metrics.json")
 
 
 def test_sampled_runs_are_deterministic(tiny, echo, tmp_path):

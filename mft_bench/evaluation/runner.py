@@ -2,9 +2,9 @@
 
 Folder layout (``out_dir``)::
 
-    records.jsonl   one JSON line per item, appended (flush + fsync) chunk by chunk while generating, then
-                    rewritten in item order at the end, so an interrupted-then-resumed run ends byte-identical
-                    to an uninterrupted one
+    records.jsonl   one JSON line per item, appended (flushed) as the backend finishes it and fsynced every
+                    batch, then rewritten in item order at the end, so an interrupted-then-resumed run ends
+                    byte-identical to an uninterrupted one
     metrics.json    written last, atomically (tmp + os.replace): its presence means "finished"; a finished
                     folder is returned as is and never rewritten
 
@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 RECORDS_FILE = "records.jsonl"
 METRICS_FILE = "metrics.json"
-CHUNK_BATCHES = 4  # generate this many batches between two fsyncs of the records file
+CHUNK_BATCHES = 4  # a backend without generate_stream gets this many batches of items per generate call
 LM_EVAL_OPTIONS = ("num_fewshot", "include_path", "gen_kwargs", "bootstrap_iters")
 
 
@@ -147,9 +147,20 @@ def build_metrics(
     return metrics
 
 
-def _chunks(items: list[Item], size: int) -> Iterator[list[Item]]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
+def _generated(generator: Any, items: list[Item], batch_size: int) -> Iterator[tuple[Item, list[str]]]:
+    """``(item, its completions)`` for every item as the backend finishes them: all items in one
+    ``generate_stream`` call where the backend has one (its batch then stays full across what chunked calls
+    would each end by draining), else chunk by chunk through ``generate``."""
+    if hasattr(generator, "generate_stream"):
+        for index, outputs in generator.generate_stream([it.request for it in items]):
+            yield items[index], outputs
+        return
+    size = CHUNK_BATCHES * batch_size
+    for chunk in (items[start:start + size] for start in range(0, len(items), size)):
+        outputs = generator.generate([it.request for it in chunk])
+        if len(outputs) != len(chunk):
+            raise RuntimeError(f"backend returned {len(outputs)} results for {len(chunk)} requests")
+        yield from zip(chunk, outputs)
 
 
 # -- entry point ----------------------------------------------------------------------------------------------
@@ -206,19 +217,20 @@ def evaluate(
         with open(records_path, "a", encoding="utf-8", newline="\n") as f, tqdm(
             total=len(items), initial=len(done), desc=f"eval {benchmark}", unit="item", disable=None
         ) as bar:
-            for chunk in _chunks(missing, CHUNK_BATCHES * batch_size):
-                outputs = generator.generate([it.request for it in chunk])
-                if len(outputs) != len(chunk):
-                    raise RuntimeError(f"backend returned {len(outputs)} results for {len(chunk)} requests")
-                lines = []
-                for item, outs in zip(chunk, outputs):
-                    line = dumps_record(make_record(bench, item, outs))
-                    lines.append(line)
-                    done[item.id] = json.loads(line)  # the JSON round trip, exactly as a resumed run reads it
-                f.write("".join(line + "\n" for line in lines))
-                f.flush()
-                os.fsync(f.fileno())
-                bar.update(len(chunk))
+            unsynced = 0
+            for item, outputs in _generated(generator, missing, batch_size):
+                line = dumps_record(make_record(bench, item, outputs))
+                f.write(line + "\n")
+                f.flush()  # a killed process keeps every record written so far
+                done[item.id] = json.loads(line)  # the JSON round trip, exactly as a resumed run reads it
+                unsynced += 1
+                if unsynced >= batch_size:  # and a crashed machine all but the last batch's
+                    os.fsync(f.fileno())
+                    unsynced = 0
+                bar.update(1)
+            os.fsync(f.fileno())
+        if any(it.id not in done for it in missing):
+            raise RuntimeError(f"backend '{backend}' returned no result for some requests")
 
     records = [done[i] for i in ids]
     write_atomic(records_path, "".join(dumps_record(r) + "\n" for r in records))

@@ -24,17 +24,22 @@ Why each choice:
   index) and samples by the Gumbel-max trick: argmax(logits / T + Gumbel noise) is a draw from
   softmax(logits / T) (after top-p filtering). A completion is then a function of its prompt and the seed
   only: reproducible across batch sizes, chunks and resumed runs.
-- On CPU, for the duration of a ``generate`` call (``_cpu_decode_matmuls``), decode steps of 4 rows or more
-  multiply by copies of the float32 linear weights packed by MKL for 8, 16 and the batch size rows (a step
-  padded with zero rows to the packed size); the weights themselves are not touched, and the output
-  projection's few-row product is ``(W @ x^T)^T``, which MKL runs 1.2-1.75x faster (measured on SmolLM2-135M
-  shapes; ``benchmarks/README.md``). The backend keeps the packed copies between calls (an evaluation calls
-  ``generate`` once per chunk of items) and packs a weight again only when it has changed: packing all of
-  SmolLM2-135M's weights for three row counts costs ~1-2 s, ~5% of a 64-prompt call.
+- ``generate_stream`` yields each request's completions as soon as it is finished: the evaluation runner passes
+  all of a benchmark's items in one call and writes each record as it comes, so the batch stays full until the
+  last items, where one ``generate`` call per chunk of items drained the batch at the end of every chunk.
+  Between two results the caller's code runs with none of the generation's settings below in force (inference
+  mode, packed weights, attention routing): they are entered anew each time the stream resumes (~2 ms).
+- On CPU, while generating (``_cpu_decode_matmuls``), decode steps of 4 rows or more multiply by copies of the
+  float32 linear weights packed by MKL for 8, 16 and the batch size rows (a step padded with zero rows to the
+  packed size); the weights themselves are not touched, and the output projection's few-row product is
+  ``(W @ x^T)^T``, which MKL runs 1.2-1.75x faster (measured on SmolLM2-135M shapes; ``benchmarks/README.md``).
+  The backend keeps the packed copies between calls and between a stream's results, and packs a weight again
+  only when it has changed: packing all of SmolLM2-135M's weights for three row counts costs ~1-2 s.
 - Prompts that start with the same tokens (few-shot exemplars: GSM8K's 8-shot block is ~900 tokens, shared by
-  every item) have that prefix computed once per group; each prefill copies its keys/values and runs only the
-  prompts' own tokens (``shared_prefix_length``, at least ``MIN_SHARED_PREFIX`` tokens). Positions and masks are
-  those of the whole prompt, so the result is the same computation (up to floating-point reduction order).
+  every item) have that prefix computed once per call (and sampling group); each prefill copies its
+  keys/values and runs only the prompts' own tokens (``shared_prefix_length``, at least ``MIN_SHARED_PREFIX``
+  tokens). Positions and masks are those of the whole prompt, so the result is the same computation (up to
+  floating-point reduction order).
   Decode steps then read that prefix's keys/values once for the whole batch instead of once per row
   (``generation_attention``): for 8-shot GSM8K at batch 32 the per-row copies were ~30x the prefix and most
   of a decode step's memory traffic.
@@ -200,16 +205,26 @@ class HFBackend:
     # -- public ----------------------------------------------------------------------------------------------
     def generate(self, requests: list[GenerationRequest]) -> list[list[str]]:
         """``n`` completions per request, in request order (stop strings applied, prompt excluded)."""
+        results: list[list[str]] = [[] for _ in requests]
+        for index, completions in self.generate_stream(requests):
+            results[index] = completions
+        return results
+
+    def generate_stream(self, requests: list[GenerationRequest]) -> Iterator[tuple[int, list[str]]]:
+        """``(request index, its n completions)`` for each request as soon as it is finished (so in no fixed
+        order): a caller with many requests passes them all in one call, keeping the batch full from the first
+        to the last, where calls over chunks of them would each end by draining their batch (at GSM8K's 512
+        new tokens, a chunk's last rows ran alone for hundreds of steps), and still gets each result at once.
+
+        Between two results nothing of the generation is in force (inference mode, the packed decode weights,
+        the attention routing): each is entered only while the next results are computed."""
         encoded = [_Encoded(i, r, self.encode(r)) for i, r in enumerate(requests)]
-        results: list[list[str] | None] = [None] * len(requests)
-        with _cpu_decode_matmuls(self.model, self.batch_size, self._packed):
-            for group in plan_groups(encoded):
-                for enc, outs in zip(group, self._generate_group(group)):
-                    results[enc.index] = outs
-        return [r if r is not None else [] for r in results]
+        self.model.eval()
+        for group in plan_groups(encoded):
+            yield from self._generate_group(group)
 
     # -- one group of requests with the same sampling settings ------------------------------------------------
-    def _generate_group(self, group: list[_Encoded]) -> list[list[str]]:
+    def _generate_group(self, group: list[_Encoded]) -> Iterator[tuple[int, list[str]]]:
         first = group[0].request
         sampling = first.temperature > 0
         n_rows = first.n if sampling else 1  # greedy: one sequence, copied n times
@@ -217,14 +232,31 @@ class HFBackend:
         sampler = None
         if sampling:
             sampler = _Sampler(first.temperature, first.top_p, [row_seed(self.seed, enc.ids, k) for enc, k in rows])
-        self.model.eval()
-        with torch.inference_mode():
-            tokens = self._decode_rows([enc.ids for enc, _ in rows], [enc.request for enc, _ in rows], sampler)
-        completions = [self._decode(tokens[r], enc.request) for r, (enc, _) in enumerate(rows)]
-        grouped = [completions[i * n_rows:(i + 1) * n_rows] for i in range(len(group))]
-        if not sampling:
-            grouped = [g * enc.request.n for g, enc in zip(grouped, group)]
-        return grouped
+        prompts, requests = [enc.ids for enc, _ in rows], [enc.request for enc, _ in rows]
+        with self._generating(0):
+            prefix = self._shared_prefix(prompts)
+        steps = self._decode_loop(prompts, requests, sampler, prefix)
+        texts: dict[int, list[str | None]] = {}  # request position in group -> its rows' completions so far
+        while True:
+            with self._generating(prefix[1] if prefix is not None else 0):
+                finished = next(steps, None)  # (the loop's own state only changes inside this)
+            if finished is None:
+                return
+            for row, tokens in finished:
+                enc = rows[row][0]
+                done = texts.setdefault(row // n_rows, [None] * n_rows)
+                done[row % n_rows] = self._decode(tokens, enc.request)
+                if all(text is not None for text in done):
+                    del texts[row // n_rows]
+                    yield enc.index, list(done) * (1 if sampling else enc.request.n)
+
+    @contextlib.contextmanager
+    def _generating(self, shared: int) -> Iterator[None]:
+        """What the forward passes of generation run under: inference mode, on CPU the packed decode weights
+        (``_cpu_decode_matmuls``), and the attention of ``generation_attention`` with ``shared`` prefix columns."""
+        with (torch.inference_mode(), _cpu_decode_matmuls(self.model, self.batch_size, self._packed),
+              _generation_attention(self.model, shared)):
+            yield
 
     def _prefill(
         self, prompts: list[list[int]], prefix: tuple[Any, int] | None = None, room: int = 0, rows: int = 0,
@@ -286,19 +318,12 @@ class HFBackend:
         cache = _cache_of(out)
         return (cache, shared) if _mergeable(cache) else None
 
-    def _decode_rows(
-        self, prompts: list[list[int]], requests: list[GenerationRequest], sampler: _Sampler | None,
-    ) -> list[list[int]]:
-        """``_decode_loop`` over ``prompts``, with their shared prefix (if any) computed once and attended once."""
-        prefix = self._shared_prefix(prompts)
-        with _generation_attention(self.model, prefix[1] if prefix is not None else 0):
-            return self._decode_loop(prompts, requests, sampler, prefix)
-
     def _decode_loop(
         self, prompts: list[list[int]], requests: list[GenerationRequest], sampler: _Sampler | None,
         prefix: tuple[Any, int] | None,
-    ) -> list[list[int]]:
-        """Token-by-token decoding over one KV cache, at most ``batch_size`` rows at a time, in row order.
+    ) -> Iterator[list[tuple[int, list[int]]]]:
+        """Token-by-token decoding over one KV cache, at most ``batch_size`` rows at a time, in row order,
+        yielding the rows finished since the last yield as ``(row, its tokens)`` (only ever between two steps).
 
         A finished row leaves the batch at once and a waiting row takes its place at the next step, so the batch
         stays full until the last rows: pending prompts are prefilled a group (``PREFILL_ROWS``) at a time as
@@ -313,6 +338,7 @@ class HFBackend:
         stops = [r.stop for r in requests]
         window = 4 * max((len(s) for row in stops for s in row), default=0) + 8
         generated: list[list[int]] = [[] for _ in requests]
+        finished: list[int] = []  # rows finished since the last yield
         pending = list(range(len(requests)))  # already longest prompt first
         pending.reverse()  # pop() from the end
         cache: Any = None
@@ -337,6 +363,7 @@ class HFBackend:
                 generated[row].append(tok)
                 if tok in eos or len(generated[row]) >= requests[row].max_new_tokens:
                     done[j] = True
+                    finished.append(row)
                 elif stops[row]:
                     check.append(j)
             if check:
@@ -345,6 +372,7 @@ class HFBackend:
                 for j, tail in zip(check, tails):
                     if any(s and s in tail for s in stops[batch_rows[j]]):
                         done[j] = True
+                        finished.append(batch_rows[j])
             return done
 
         staged = None  # prefilled rows waiting for free batch rows: (cache, mask, last, rows, tokens)
@@ -387,8 +415,11 @@ class HFBackend:
                 staged = None if take == len(new_rows) else (
                     _without_first_rows(new_cache, take), new_mask[take:], new_last[take:], new_rows[take:],
                     new_tokens[take:])
+            if finished:
+                yield [(row, generated[row]) for row in finished]
+                finished.clear()
             if not active:
-                return generated
+                return
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
             last = last + 1
             out = self.model(input_ids=torch.tensor(next_tokens, device=device)[:, None],
