@@ -110,28 +110,39 @@ def plain_loop(model, tokenizer, prompts: list[str], max_new_tokens: int, stops:
     return outs
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_workload_arguments(parser: argparse.ArgumentParser, prompts: int) -> None:
+    """The options of a generation workload (this script's and ``streamed_evaluation.py``'s)."""
     parser.add_argument("--workload", choices=("zero-shot", "gsm8k-8shot"), default="zero-shot")
-    parser.add_argument("--prompts", type=int, default=64)
-    parser.add_argument("--loop-prompts", type=int, default=8)
+    parser.add_argument("--prompts", type=int, default=prompts)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--stops", action="store_true",
-                        help="stop at the GSM8K evaluation's stop strings on both sides (default: none)")
+                        help="stop at the GSM8K evaluation's stop strings (default: none)")
     parser.add_argument("--rounds", type=int, default=1,
-                        help="alternate the two sides this many times and report medians (a noisy machine)")
+                        help="alternate the compared sides this many times and report medians (a noisy machine)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's choice); 1 is steadier on an oversubscribed CPU")
-    args = parser.parse_args()
+
+
+def load_workload(args: argparse.Namespace):
+    """(model, tokenizer, model description, prompts, requests) for the parsed workload options."""
     if args.threads:
         torch.set_num_threads(args.threads)
-
     model, tokenizer, description = load_model()
     model.eval()
     prompts = gsm8k_like_prompts(args.prompts) if args.workload == "zero-shot" else gsm8k_8shot_prompts(args.prompts)
     stops = tuple(STOP_SEQUENCES) if args.stops else ()
     requests = [GenerationRequest(p, max_new_tokens=args.max_new_tokens, stop=stops) for p in prompts]
+    return model, tokenizer, description, prompts, requests
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_workload_arguments(parser, prompts=64)
+    parser.add_argument("--loop-prompts", type=int, default=8)
+    args = parser.parse_args()
+    model, tokenizer, description, prompts, requests = load_workload(args)
+    stops = tuple(STOP_SEQUENCES) if args.stops else ()
     backend = HFBackend(model, tokenizer, batch_size=args.batch_size)
     start = time.process_time()
     backend.generate(requests[:2])  # warm-up, not timed: first-call allocations, and the decode weights' packing,

@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
-from generation_throughput import count_tokens, gsm8k_8shot_prompts, gsm8k_like_prompts, load_model  # noqa: E402
+from generation_throughput import add_workload_arguments, count_tokens, load_workload  # noqa: E402
 
 from mft_bench.evaluation.backends.hf import HFBackend  # noqa: E402
 from mft_bench.evaluation.base import GenerationRequest  # noqa: E402
@@ -48,22 +48,10 @@ def streamed(backend: HFBackend, requests: list[GenerationRequest]) -> list[list
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workload", choices=("zero-shot", "gsm8k-8shot"), default="zero-shot")
-    parser.add_argument("--prompts", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--stops", action="store_true", help="stop at the GSM8K evaluation's stop strings")
-    parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=None)
+    add_workload_arguments(parser, prompts=256)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    model, tokenizer, description = load_model()
-    model.eval()
-    prompts = gsm8k_like_prompts(args.prompts) if args.workload == "zero-shot" else gsm8k_8shot_prompts(args.prompts)
+    model, tokenizer, description, prompts, requests = load_workload(args)
     stops = tuple(STOP_SEQUENCES) if args.stops else ()
-    requests = [GenerationRequest(p, max_new_tokens=args.max_new_tokens, stop=stops) for p in prompts]
     backend = HFBackend(model, tokenizer, batch_size=args.batch_size)
     backend.generate(requests[:2])  # warm-up, not timed: packs the decode weights, kept for later calls
     size = CHUNK_BATCHES * args.batch_size
