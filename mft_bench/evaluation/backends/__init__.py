@@ -1,9 +1,12 @@
 """Generation backends: turn ``GenerationRequest``s into completions.
 
 Every backend implements ``generate(requests) -> list[list[str]]``: for each request, in the order given, its
-``n`` completions, without the prompt, each cut before the first of the request's stop strings.
+``n`` completions, without the prompt, each cut before the first of the request's stop strings. One that can
+also give results as they finish implements ``generate_stream(requests)``, yielding ``(request index,
+completions)`` in finishing order; the evaluation runner then passes it all of a benchmark's items at once
+(else chunks of a few batches to ``generate``).
 
-- ``hf``: in-process transformers model (``HFBackend``), batched, left-padded, length-sorted.
+- ``hf``: in-process transformers model (``HFBackend``), batched, left-padded, length-sorted; streams.
 - ``vllm``: vLLM on an exported dense checkpoint folder (``VLLMBackend``), optional dependency, CUDA only.
 """
 
