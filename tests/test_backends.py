@@ -37,10 +37,17 @@ def tokenizer():
 
 
 @pytest.fixture(scope="module")
-def models(tokenizer):
+def models(tokenizer, device):
     # Seeds picked so that greedy outputs differ between prompts (the invariance check then means something).
-    return {"llama": tiny_model("llama", vocab_size=len(tokenizer), seed=0).eval(),
-            "gpt2": tiny_model("gpt2", vocab_size=len(tokenizer), seed=2).eval()}
+    return {"llama": tiny_model("llama", vocab_size=len(tokenizer), seed=0).to(device).eval(),
+            "gpt2": tiny_model("gpt2", vocab_size=len(tokenizer), seed=2).to(device).eval()}
+
+
+@pytest.fixture
+def on_cpu(device):
+    """For the tests of the CPU decode path (MKL-packed weights): skipped with ``--device`` other than cpu."""
+    if device.type != "cpu":
+        pytest.skip("the MKL-packed decode weights are the CPU path")
 
 
 def prompts(count: int = 12) -> list[str]:
@@ -137,7 +144,7 @@ def test_greedy_matches_transformers_generate(models, tokenizer):
     for arch, model in models.items():
         backend = HFBackend(model, tokenizer)
         for prompt in prompts()[:3]:
-            ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+            ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(model.device)
             with torch.inference_mode():
                 ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
                                      pad_token_id=tokenizer.pad_token_id)
@@ -221,7 +228,7 @@ def test_packed_products_equal_plain_ones():
 
 
 @pytest.mark.skipif(not hf_backend._mkl_packing_available(), reason="torch built without MKL")
-def test_generation_uses_packed_products_and_matches_one_at_a_time(models, tokenizer, monkeypatch):
+def test_generation_uses_packed_products_and_matches_one_at_a_time(models, tokenizer, monkeypatch, on_cpu):
     used = []
     original = hf_backend._packed_product
 
@@ -238,7 +245,7 @@ def test_generation_uses_packed_products_and_matches_one_at_a_time(models, token
 
 
 @pytest.mark.skipif(not hf_backend._mkl_packing_available(), reason="torch built without MKL")
-def test_packed_weights_are_kept_across_calls_and_packed_again_after_a_change(models, tokenizer, monkeypatch):
+def test_packed_weights_are_kept_across_calls_and_packed_again_after_a_change(models, tokenizer, monkeypatch, on_cpu):
     model = copy.deepcopy(models["llama"])
     packed = []
     original = hf_backend._pack

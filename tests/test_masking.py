@@ -32,16 +32,16 @@ from mft_bench.masking.masked_linear import wrappers
 VOCAB = 64
 
 
-def _model(arch: str, seed: int = 0) -> nn.Module:
-    model = tiny_model(arch, vocab_size=VOCAB, num_layers=3, seed=seed)
+def _model(arch: str, seed: int = 0, device: torch.device | str = "cpu") -> nn.Module:
+    model = tiny_model(arch, vocab_size=VOCAB, num_layers=3, seed=seed).to(device)
     for module in model.modules():  # deterministic forward in train mode (GPT-2 has dropout 0.1)
         if isinstance(module, nn.Dropout):
             module.p = 0.0
     return model
 
 
-def _batch(seed: int = 0, batch: int = 2, length: int = 12) -> torch.Tensor:
-    return torch.randint(0, VOCAB - 3, (batch, length), generator=torch.Generator().manual_seed(seed))
+def _batch(seed: int = 0, batch: int = 2, length: int = 12, device: torch.device | str = "cpu") -> torch.Tensor:
+    return torch.randint(0, VOCAB - 3, (batch, length), generator=torch.Generator().manual_seed(seed)).to(device)
 
 
 def _loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -124,8 +124,8 @@ def test_wrapper_keeps_the_same_weight_parameter_object():
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 @pytest.mark.parametrize("ratio", [0.1, 0.37, 0.9])
-def test_local_mode_removes_exactly_round_ratio_numel(arch, ratio):
-    model = _model(arch)
+def test_local_mode_removes_exactly_round_ratio_numel(arch, ratio, device):
+    model = _model(arch, device=device)
     attach_masks(model, MaskSpec(layers=[0, 2], mask_ratio=ratio))
     masks = current_masks(model)
     for name, mask in masks.items():
@@ -136,9 +136,9 @@ def test_local_mode_removes_exactly_round_ratio_numel(arch, ratio):
         assert scores[~mask].max() <= scores[mask].min()  # the smallest |scores| are the removed ones
 
 
-def test_keep_mask_is_exact_under_ties():
+def test_keep_mask_is_exact_under_ties(device):
     for n_remove in (0, 1, 7, 50, 93, 100):
-        flat = torch.zeros(100)
+        flat = torch.zeros(100, device=device)
         flat[::3] = 1.0  # massive ties on both values
         mask = keep_mask(flat.view(10, 10), n_remove)
         assert int((~mask).sum()) == n_remove
@@ -148,15 +148,15 @@ def test_keep_mask_is_exact_under_ties():
 
 
 def _reference_removed(flat: torch.Tensor, n_remove: int) -> set[int]:
-    return set(torch.sort(flat, stable=True).indices[:n_remove].tolist())
+    return set(torch.sort(flat.cpu(), stable=True).indices[:n_remove].tolist())
 
 
 @pytest.mark.parametrize("ratio", [0.001, 0.1, 0.5, 0.9, 0.999])
-def test_large_matrix_selection_equals_full_sort_when_untied(ratio):
+def test_large_matrix_selection_equals_full_sort_when_untied(ratio, device):
     # Above BRACKET_MIN_NUMEL the cut is bracketed from a sample; the removed set must still be exactly the
     # n_remove smallest entries.
     gen = torch.Generator().manual_seed(3)
-    values = torch.randn(300, 700, generator=gen).abs()
+    values = torch.randn(300, 700, generator=gen).abs().to(device)
     assert values.numel() >= selection.BRACKET_MIN_NUMEL
     n_remove = removed_count(values.numel(), ratio)
     mask = keep_mask(values, n_remove)
@@ -164,7 +164,7 @@ def test_large_matrix_selection_equals_full_sort_when_untied(ratio):
     assert removed == _reference_removed(values.reshape(-1), n_remove)
 
 
-def test_large_matrix_selection_exact_when_sample_misleads_or_ties():
+def test_large_matrix_selection_exact_when_sample_misleads_or_ties(device):
     n = 1 << 17
     n_remove = removed_count(n, 0.1)
     # The strided sample sees only large values: the sampled bracket misses and the unbounded one takes over.
@@ -174,23 +174,23 @@ def test_large_matrix_selection_exact_when_sample_misleads_or_ties():
     misleading += torch.linspace(0, 1e-3, n)
     # Massive ties across the cut: removed lowest index first, like a stable sort.
     tied = (torch.arange(n) % 7).float()
-    for values in (misleading, tied):
+    for values in (misleading.to(device), tied.to(device)):
         mask = keep_mask(values.view(256, -1), n_remove)
         assert set(torch.nonzero(~mask.reshape(-1)).squeeze(1).tolist()) == _reference_removed(values, n_remove)
 
 
 @pytest.mark.parametrize("values", ["normal", "tied"])
-def test_cut_hint_changes_speed_never_the_result(values):
+def test_cut_hint_changes_speed_never_the_result(values, device):
     # A resumed run starts without a hint: every bracket (hinted, sampled, unbounded) must select the same set.
     gen = torch.Generator().manual_seed(5)
     n = 300 * 700
-    groups = (torch.arange(n) % 5).float() - 2.0
-    scores = torch.randn(n, generator=gen) if values == "normal" else groups
+    groups = ((torch.arange(n) % 5).float() - 2.0).to(device)
+    scores = torch.randn(n, generator=gen).to(device) if values == "normal" else groups
     n_remove = removed_count(n, 0.1)
     hint, widths = selection.CutHint(), []
     for step, move in enumerate([0.0, 1e-4, 1e-4, 1e-3, 0.5, 1e-4, 1e-4, 1e-4]):  # 0.5: the cut jumps, a miss
         # "tied" moves whole groups of equal values together: the ties stay, at the cut too
-        scores = scores + move * (torch.randn(n, generator=gen) if values == "normal" else groups)
+        scores = scores + move * (torch.randn(n, generator=gen).to(device) if values == "normal" else groups)
         hinted = selection.keep_mask_of_abs(scores, n_remove, hint)
         assert torch.equal(hinted, keep_mask(scores.abs(), n_remove)), step
         assert set(torch.nonzero(~hinted).squeeze(1).tolist()) == _reference_removed(scores.abs(), n_remove)
@@ -223,7 +223,7 @@ def test_hinted_selection_samples_a_bracket_only_after_a_miss(monkeypatch):
     assert len(sampled) == 2 and hint.misses == 1
 
 
-def test_magnitudes_compared_by_bit_pattern_select_the_same_set():
+def test_magnitudes_compared_by_bit_pattern_select_the_same_set(device):
     # keep_mask_of_abs compares float32 magnitudes as int32 bit patterns; zeros, subnormals, infinities, NaN and
     # brackets reaching below zero must give what float comparisons give.
     n = 1 << 17
@@ -233,6 +233,7 @@ def test_magnitudes_compared_by_bit_pattern_select_the_same_set():
     values[2::89] = 1e-40  # subnormal
     values[3::1001] = float("-inf")
     values[4::997] = float("nan")  # kept by both paths, whatever the bracket
+    values = values.to(device)
     for ratio in (0.1, 0.3, 0.5):
         n_remove = removed_count(n, ratio)
         expected = keep_mask(values.abs(), n_remove)
@@ -241,13 +242,13 @@ def test_magnitudes_compared_by_bit_pattern_select_the_same_set():
 
 
 @pytest.mark.parametrize("n, density", [(1 << 16, 0.0005), (1 << 16, 0.3), ((1 << 16) + 3, 0.001), (64, 0.0)])
-def test_true_indices_equal_nonzero(n, density):
-    mask = torch.rand(n, generator=torch.Generator().manual_seed(2)) < density
+def test_true_indices_equal_nonzero(n, density, device):
+    mask = (torch.rand(n, generator=torch.Generator().manual_seed(2)) < density).to(device)
     assert torch.equal(selection._true_indices(mask), torch.nonzero(mask).squeeze(1))
 
 
-def test_global_mode_removes_total_count_by_one_threshold():
-    model = _model("llama")
+def test_global_mode_removes_total_count_by_one_threshold(device):
+    model = _model("llama", device=device)
     attach_masks(model, MaskSpec(layers=[0, 1], mask_ratio=0.2, mode="global", init="magnitude"))
     masks = current_masks(model)
     total = sum(m.numel() for m in masks.values())
@@ -294,11 +295,11 @@ def _reference_grads(model_ref: nn.Module, masks: dict, scores: dict, ids: torch
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_score_gradient_matches_dense_reference(arch):
-    model = _model(arch)
+def test_score_gradient_matches_dense_reference(arch, device):
+    model = _model(arch, device=device)
     reference = copy.deepcopy(model)
     attach_masks(model, MaskSpec(layers=[0, 2], mask_ratio=0.3))
-    ids = _batch()
+    ids = _batch(device=device)
     loss = _loss(model, ids)
     loss.backward()
     masks = current_masks(model)
@@ -339,8 +340,8 @@ def test_input_gradient_flows_through_masked_weight():
 # ---------------------------------------------------------------- training behaviour
 
 @pytest.mark.parametrize("arch, kind", [("llama", "for-loop"), ("llama", "fused"), ("gpt2", "foreach")])
-def test_weights_stay_bit_identical_while_scores_train(arch, kind):
-    model = _model(arch)
+def test_weights_stay_bit_identical_while_scores_train(arch, kind, device):
+    model = _model(arch, device=device)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
     attach_masks(model, MaskSpec(layers=[1, 2]))
     first = current_masks(model)
@@ -348,7 +349,7 @@ def test_weights_stay_bit_identical_while_scores_train(arch, kind):
     options = {"for-loop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}[kind]
     optimizer = torch.optim.AdamW(mask_parameters(model), lr=0.05, weight_decay=0.0, **options)
     for step in range(3):
-        _loss(model, _batch(step)).backward()
+        _loss(model, _batch(step, device=device)).backward()
         optimizer.step()
         optimizer.zero_grad()
     for name, p in model.named_parameters():
@@ -363,9 +364,10 @@ def test_weights_stay_bit_identical_while_scores_train(arch, kind):
 
 def _train_steps(model, steps: int, micro: int, optimizer) -> dict:
     grads = {}
+    device = next(model.parameters()).device
     for step in range(steps):
         for k in range(micro):
-            (_loss(model, _batch(10 * step + k)) / micro).backward()
+            (_loss(model, _batch(10 * step + k, device=device)) / micro).backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         optimizer.step()
         optimizer.zero_grad()
@@ -374,8 +376,8 @@ def _train_steps(model, steps: int, micro: int, optimizer) -> dict:
 
 @pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated")
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_one_selection_per_step_under_accumulation_and_checkpointing(arch):
-    plain, ckpt = _model(arch), _model(arch)
+def test_one_selection_per_step_under_accumulation_and_checkpointing(arch, device):
+    plain, ckpt = _model(arch, device=device), _model(arch, device=device)
     for model in (plain, ckpt):
         attach_masks(model, MaskSpec(layers=[0, 1, 2]))
         model.train()
@@ -400,12 +402,12 @@ def test_one_selection_per_step_under_accumulation_and_checkpointing(arch):
     assert refresh_masks(plain) == 0
 
 
-def test_mask_follows_scores_after_state_dict_reload():
-    trained = _model("llama")
+def test_mask_follows_scores_after_state_dict_reload(device):
+    trained = _model("llama", device=device)
     attach_masks(trained, MaskSpec(layers=[1]))
     optimizer = torch.optim.AdamW(mask_parameters(trained), lr=0.05)
     _train_steps(trained, steps=2, micro=1, optimizer=optimizer)
-    resumed = _model("llama")
+    resumed = _model("llama", device=device)
     attach_masks(resumed, MaskSpec(layers=[1]))
     before = current_masks(resumed)
     resumed.load_state_dict(trained.state_dict())  # what a Trainer resume does
