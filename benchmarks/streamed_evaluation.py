@@ -11,7 +11,7 @@ Workloads as in ``generation_throughput.py``: ``zero-shot`` GSM8K-like word prob
 evaluation's own prompts; with ``--stops``, its stop strings). CPU, greedy.
 
     python benchmarks/streamed_evaluation.py [--workload zero-shot|gsm8k-8shot] [--prompts 256] \\
-        [--batch-size 32] [--max-new-tokens 64] [--stops] [--rounds R] [--threads N]
+        [--batch-size 32] [--max-new-tokens 64] [--stops] [--rounds R] [--threads N] [--device D]
 """
 
 from __future__ import annotations
