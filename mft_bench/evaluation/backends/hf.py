@@ -479,12 +479,13 @@ _NOT_SUPPORTED = ("position_bias", "softcap", "sliding_window", "s_aux", "sinks"
 
 def generation_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers' sdpa attention, computed on the key/value heads as they are where transformers would first
-    copy them once per query head (it does when a mask is given; without one, its ``enable_gqa`` call measured
-    1.4-1.6x slower on CPU than the grouping below, SmolLM2-135M shapes):
+    copy them once per query head (versions before ``pack_gqa`` do when a mask is given; without a mask its
+    ``enable_gqa`` call measured 1.4-1.6x slower on CPU than the grouping below, SmolLM2-135M shapes):
 
     - a decode step (one query token, inference) takes each key/value head's group of query heads as one block
-      of queries over that head: the products of transformers' masked path, bitwise the same result (its
-      ``enable_gqa`` call: the same up to floating-point summation order);
+      of queries over that head: with a mask, bitwise what transformers computes where it groups them the same
+      way itself (``pack_gqa``, 5.2x); older versions' copies, and the ``enable_gqa`` call, give the same up to
+      floating-point summation order;
     - over a cache whose first ``P`` columns (``_shared_columns``) hold the same prompt prefix in every row, a
       decode step reads those keys/values once, from row 0, in one matmul over all rows' queries, joined with
       each row's own columns in one softmax (the same attention up to floating-point summation order), and a
