@@ -38,14 +38,6 @@ def chunked(backend: HFBackend, requests: list[GenerationRequest], size: int) ->
     return [out for start in range(0, len(requests), size) for out in backend.generate(requests[start:start + size])]
 
 
-def streamed(backend: HFBackend, requests: list[GenerationRequest]) -> list[list[str]]:
-    """The runner's way now: one ``generate_stream`` call, results taken as they come."""
-    results: list[list[str]] = [[] for _ in requests]
-    for index, completions in backend.generate_stream(requests):
-        results[index] = completions
-    return results
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_workload_arguments(parser, prompts=256)
@@ -60,7 +52,7 @@ def main() -> None:
     outputs = {}
     for _ in range(args.rounds):
         for name, run in (("chunked", lambda: chunked(backend, requests, size)),
-                          ("streamed", lambda: streamed(backend, requests))):
+                          ("streamed", lambda: backend.generate(requests))):  # one generate_stream, collected
             start, cpu = time.perf_counter(), time.process_time()
             outputs[name] = run()
             times[name].append((time.perf_counter() - start, time.process_time() - cpu))
