@@ -172,6 +172,18 @@ def test_resolution_says_whether_two_points_are_resolvable(run_and_report):
     assert humaneval["floor_diff"] == pytest.approx(6 / 164) and not humaneval["two_point_resolvable"]
 
 
+def test_resolution_lines_count_discordant_items_in_words():
+    from mft_bench.report.tables import resolution_lines
+
+    def line(discordant, min_net_items):
+        entry = {"benchmark": "gsm8k", "metric": "exact_match", "n": 16, "discordant": discordant,
+                 "min_net_items": min_net_items, "two_point_resolvable": False}
+        return resolution_lines({"resolution": [entry]})[0]
+
+    assert "only 1 discordant item, too few for any split to be significant;" in line(1, None)
+    assert "with 8 discordant items McNemar needs a net gain of ≥8 items" in line(8, 8)
+
+
 def test_report_is_deterministic_and_written_in_all_formats(run_and_report, written):
     run_dir, report = run_and_report
     again = build_report(run_dir, n_bootstrap=2000, seed=0)

@@ -140,6 +140,10 @@ def _pct(value: float | None) -> str:
     return "—" if value is None else f"{value * 100:.1f}"
 
 
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
 def resolution_lines(report: dict[str, Any]) -> list[str]:
     """One sentence per benchmark: what difference this run can resolve (see build.resolution_entry)."""
     lines = []
@@ -150,10 +154,10 @@ def resolution_lines(report: dict[str, Any]) -> list[str]:
             text += f" paired 95% CI half-width ±{_pct(e['paired_ci_half_width'])} pts ({e['arm_a']} vs {e['arm_b']});"
         if e.get("discordant") is not None:
             if e.get("min_net_items") is not None:
-                text += (f" with {e['discordant']} discordant items McNemar needs a net gain of"
+                text += (f" with {_count(e['discordant'], 'discordant item')} McNemar needs a net gain of"
                          f" ≥{e['min_net_items']} items ({_pct(e['min_net_items'] / n)} pts);")
             else:
-                text += f" only {e['discordant']} discordant items: no split of them is significant;"
+                text += f" only {_count(e['discordant'], 'discordant item')}, too few for any split to be significant;"
         if e.get("floor_diff") is not None:
             text += (f" at best (no item going the other way) ≥{e['floor_items']} items"
                      f" ({_pct(e['floor_diff'])} pts).")
