@@ -46,7 +46,9 @@ def _outputs(run_dir: Path) -> dict[str, bytes]:
 
 
 def _cli(*args) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    # one intra-op thread, as in this test process (conftest): summation order, and so the trained weights, can
+    # depend on the thread count on some CPUs
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "mft_bench.cli", *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
