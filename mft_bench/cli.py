@@ -65,17 +65,44 @@ def _progress(stage, status: str) -> None:
         print(f"[{status:>7}] {stage.name}", flush=True)
 
 
+def _relaunch(nproc: int, argv: list[str]) -> int:
+    """Start ``nproc`` processes of the same command without ``--nproc`` (see ``distributed.launch``)."""
+    from mft_bench.distributed import check_process_count, launch
+
+    check_process_count(nproc)
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            rest.append(arg)
+    return launch(rest, nproc)
+
+
 def cmd_run(args) -> int:
     from mft_bench.pipeline import run_recipe
 
-    recipe = _load(args)
+    recipe = _load(args)  # bad recipes are refused before any process starts
     run_dir = _run_dir(recipe, args.out)
+    if args.nproc > 1:
+        for arm in ("fft", "mft", "lora"):
+            if arm in recipe.arms:
+                getattr(recipe, arm).accumulation_steps(args.nproc)  # a batch N processes cannot make: refused now
+        return _relaunch(args.nproc, args.argv)
     report = run_recipe(recipe, run_dir, force=args.force, progress=_progress)
+    if not _is_main_process():
+        return EXIT_OK
     table = run_dir / "report.md"
     if table.is_file():
         print(table.read_text())
     print(f"run folder: {run_dir}")
     return EXIT_OK if report.get("rows") else EXIT_FAILED
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def cmd_plan(args) -> int:
@@ -189,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="run folder (default: the recipe's output_dir or runs/<name>)")
     run.add_argument("--force", action="append", default=[], metavar="STAGE",
                      help="redo a stage and its dependents (old folder moved aside); repeatable")
+    run.add_argument("--nproc", type=int, default=1, metavar="N",
+                     help="processes: one per GPU (on a machine without GPUs, N gloo CPU processes)")
     run.set_defaults(func=cmd_run)
 
     plan = sub.add_parser("plan", help="dry run: stages, cache status, estimated FLOPs/memory/time")
@@ -221,19 +250,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_arguments(argv: list[str]) -> argparse.Namespace:
+    """argparse, with ``KEY=VALUE`` overrides accepted anywhere after the recipe (``run R --out X a.b=1``): argparse
+    alone stops collecting positionals at the first option."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [arg for arg in extra if arg.startswith("-") or "=" not in arg or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    args.argv = argv
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from mft_bench.distributed import ElsewhereError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_arguments(argv)
+    main_process = _is_main_process()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("mft_bench").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    # the other processes of a run log warnings only: one process's progress is enough to read
+    logging.getLogger("mft_bench").setLevel(logging.DEBUG if args.verbose else logging.INFO if main_process
+                                            else logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # our own progress lines say enough
     try:
         return args.func(args)
+    except ElsewhereError as exc:  # another process of the run failed; the main process says what happened
+        if main_process:
+            print(f"mft-bench: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT if exc.bad_input else EXIT_FAILED
     except MftBenchError as exc:
-        print(f"mft-bench: error: {exc}", file=sys.stderr)
+        if main_process:
+            print(f"mft-bench: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("mft-bench: interrupted; rerun the same command to resume", file=sys.stderr)
+        if main_process:
+            print("mft-bench: interrupted; rerun the same command to resume", file=sys.stderr)
         return EXIT_FAILED
 
 

@@ -1,8 +1,10 @@
 """Run a recipe: execute unfinished stages of its plan in order, then write ``run.json`` and the report.
 
-Models stay in memory between stages of one process (the backbone is loaded once, the FFT model is reused by
-MFT and the mask baselines), and every stage persists its output in its own folder, so a rerun skips what
-is finished and resumes what is not (Trainer checkpoints, per-item evaluation records).
+Every stage persists its output in its own folder, so a rerun skips what is finished and resumes what is not
+(Trainer checkpoints, per-item evaluation records). Between stages only CPU copies of the backbone and of the FFT
+model (as saved, in the recipe's dtype) stay loaded; a finished training stage releases its Trainer, optimizer and
+model, and an evaluation holds one model on the device at a time. On several processes (``distributed.py``)
+training stages run on all of them, evaluations are dealt out, everything else runs once.
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ import copy
 import gc
 import json
 import logging
+import os
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 from mft_bench.atomic import write_json_atomic
+from mft_bench.distributed import RunProcesses
 from mft_bench.errors import MftBenchError
 from mft_bench.plan import (
     Stage,
@@ -63,7 +67,8 @@ def _recipe_name_from_yaml(path: Path) -> str | None:
 
 
 class ModelCache:
-    """Loads each model at most once per process; hands out copies where a stage mutates them."""
+    """CPU copies of the backbone and of the FFT model, each loaded at most once per process; stages take copies
+    of them where they change a model, and evaluation moves one to the device only while it runs."""
 
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
@@ -87,12 +92,10 @@ class ModelCache:
         return self._tokenizer
 
     def fft_model(self, fft_stage: Stage):
+        """The FFT model as its stage saved it (so a resumed run and an uninterrupted one start MFT alike)."""
         if self._fft is None:
             self._fft = load_model_folder(fft_stage.folder / "model", self.recipe.backbone.dtype)
         return self._fft
-
-    def set_fft(self, model) -> None:
-        self._fft = model
 
 
 def load_model_folder(folder: Path, dtype: str):
@@ -144,13 +147,40 @@ def _load_split(data_stage: Stage, split: str):
     return load_from_disk(str(data_stage.folder / split))
 
 
-def _train_config(spec, seed: int):
+def train_config(recipe: Recipe, arm: str, world_size: int, device_bytes: int | None = None):
+    """The arm's ``TrainConfig`` on ``world_size`` processes: accumulation from the global batch (refused when it
+    cannot be made exactly), strategy resolved, compute dtype = the backbone's."""
     from mft_bench.train import TrainConfig
+    from mft_bench.train.strategy import resolve_strategy
 
+    spec = getattr(recipe, arm)
     fields = spec.model_dump()
-    for extra in ("r", "alpha", "dropout", "target_modules"):
+    for extra in ("r", "alpha", "dropout", "target_modules", "global_batch_size", "strategy"):
         fields.pop(extra, None)
-    return TrainConfig(**fields, seed=seed)
+    needs_size = spec.strategy == "auto" and arm == "fft" and world_size > 1 and device_bytes
+    strategy = resolve_strategy(arm, spec.strategy, world_size=world_size,
+                                replica_bytes=replica_bytes(recipe, arm) if needs_size else None,
+                                device_bytes=device_bytes)
+    return TrainConfig(**fields, gradient_accumulation_steps=spec.accumulation_steps(world_size), seed=recipe.seed,
+                       compute_dtype=recipe.backbone.dtype, strategy=strategy)
+
+
+def replica_bytes(recipe: Recipe, arm: str) -> int | None:
+    """Estimated peak memory of one whole replica of ``arm``'s training (None for an unknown model shape)."""
+    from mft_bench.estimate import cpu_hardware, estimate_training, shape_for_backbone
+
+    shape = shape_for_backbone(recipe.backbone.name)
+    if shape is None:
+        return None
+    spec = getattr(recipe, arm)
+    dtype_bytes = 4 if recipe.backbone.dtype == "float32" else 2
+    micro = spec.per_device_batch_size * recipe.data.max_length
+    kwargs = {"mask_layers": list(recipe.mask.layers)} if arm == "mft" else {}
+    estimate = estimate_training(shape, arm, 0, hardware=cpu_hardware(1), dtype_bytes=dtype_bytes,
+                                 gradient_checkpointing=spec.gradient_checkpointing, micro_batch_tokens=micro,
+                                 seq_len=recipe.data.max_length,
+                                 master_weights=spec.precision == "mixed" and dtype_bytes < 4, **kwargs)
+    return estimate.memory_bytes
 
 
 def _mask_spec(recipe: Recipe):
@@ -190,49 +220,86 @@ def _checkpoint_names(result, stage: Stage) -> list[dict[str, Any]]:
             for step, path in result.checkpoints]
 
 
-def run_train_stage(recipe: Recipe, stage: Stage, stages: dict[str, Stage], models: ModelCache) -> dict[str, Any]:
+def _materialize(source: Path, target: Path) -> None:
+    """``target`` as a copy of the finished export folder ``source`` (hard links where the disk allows: a 7B model
+    is not written twice)."""
+    tmp = _fresh_tmp_dir(target)
+    tmp.mkdir(parents=True)
+    for path in source.iterdir():
+        try:
+            os.link(path, tmp / path.name)
+        except OSError:
+            shutil.copy2(path, tmp / path.name)
+    _replace_dir(tmp, target)
+
+
+def run_train_stage(recipe: Recipe, stage: Stage, stages: dict[str, Stage], models: ModelCache,
+                    procs: RunProcesses) -> dict[str, Any] | None:
+    """Train one arm on every process; the main process writes the stage's files and returns its outputs."""
+    from transformers import set_seed
+
     from mft_bench.train import LoraSettings, train_fft, train_lora, train_mft
 
+    set_seed(recipe.seed)  # the stage's result depends on its inputs only, not on what ran before in this process
     data_stage = stages["data"]
     train_ds, val_ds = _load_split(data_stage, "train"), _load_split(data_stage, "validation")
     tokenizer = models.tokenizer()
     work = stage.folder / "work"
     work.mkdir(parents=True, exist_ok=True)
-    outputs: dict[str, Any] = {}
+    config = train_config(recipe, stage.name, procs.world_size, _device_bytes())
+    outputs: dict[str, Any] = {"strategy": config.strategy, "processes": procs.world_size,
+                               "gradient_accumulation_steps": config.gradient_accumulation_steps}
     if stage.name == "fft":
-        model = copy.deepcopy(models.backbone())
-        result = train_fft(model, tokenizer, train_ds, val_ds, _train_config(recipe.fft, recipe.seed), work)
-        _save_model_atomic(result.model.eval(), tokenizer, stage.folder / "model")
-        models.set_fft(result.model.eval())
+        result = train_fft(copy.deepcopy(models.backbone()), tokenizer, train_ds, val_ds, config, work)
     elif stage.name == "mft":
-        from mft_bench.masking import apply_masks, save_masks
-
         model = copy.deepcopy(models.fft_model(stages["fft"]))
-        result = train_mft(model, tokenizer, train_ds, val_ds, _train_config(recipe.mft, recipe.seed),
-                           _mask_spec(recipe), work)
-        masks = result.masks
-        base = models.fft_model(stages["fft"])
-        save_masks(masks, stage.folder / "masks.safetensors", base_model=base)
-        dense = apply_masks(copy.deepcopy(base), masks)
-        _save_model_atomic(dense.eval(), tokenizer, stage.folder / "model")
-        outputs["masks"] = "masks.safetensors"
+        result = train_mft(model, tokenizer, train_ds, val_ds, config, _mask_spec(recipe), work)
+        del model
     elif stage.name == "lora":
         lora = recipe.lora
         settings = LoraSettings(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
-        model = copy.deepcopy(models.backbone())
-        result = train_lora(model, tokenizer, train_ds, val_ds, _train_config(lora, recipe.seed), settings, work)
-        _save_model_atomic(result.model.eval(), tokenizer, stage.folder / "model")
+        result = train_lora(copy.deepcopy(models.backbone()), tokenizer, train_ds, val_ds, config, settings, work)
     else:
         raise ValueError(f"not a training stage: {stage.name}")
-    write_json_atomic(stage.folder / "log_history.json", result.log_history)
+    if procs.is_main:
+        if stage.name == "mft":
+            from mft_bench.masking import apply_masks, save_masks
+
+            base = models.fft_model(stages["fft"])
+            save_masks(result.masks, stage.folder / "masks.safetensors", base_model=base)
+            _save_model_atomic(apply_masks(copy.deepcopy(base), result.masks).eval(), tokenizer, stage.folder / "model")
+            outputs["masks"] = "masks.safetensors"
+        else:  # the last export is the trained model, in the recipe's dtype (gathered when it was sharded)
+            _materialize(max(result.checkpoints)[1], stage.folder / "model")
+        write_json_atomic(stage.folder / "log_history.json", result.log_history)
     outputs.update({"model": "model", "log_history": "log_history.json", "checkpoints": _checkpoint_names(result, stage),
                     "validation_loss": {str(k): v for k, v in (result.validation_loss or {}).items()}})
-    return outputs
+    del result
+    _release_memory()
+    return outputs if procs.is_main else None
+
+
+def _device_bytes() -> int | None:
+    import torch
+
+    return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory) \
+        if torch.cuda.is_available() else None
+
+
+def _release_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def run_mask_stage(recipe: Recipe, stage: Stage, stages: dict[str, Stage], models: ModelCache) -> dict[str, Any]:
+    from transformers import set_seed
+
     from mft_bench.masking import apply_masks, baseline_masks, save_masks
 
+    set_seed(recipe.seed)
     base = models.fft_model(stages["fft"])
     kind = "random" if stage.name == "random_mask" else "magnitude"
     masks = baseline_masks(base, _mask_spec(recipe), kind=kind, seed=recipe.seed)
@@ -252,7 +319,8 @@ def _checkpoint_path(train_stage: Stage, step: int) -> Path:
 
 
 def _arm_model(stage: Stage, stages: dict[str, Stage], models: ModelCache):
-    """(model object, model folder or None) for an evaluation stage's arm and checkpoint."""
+    """(model object, model folder or None, whether the cache keeps it) for an evaluation stage's arm and
+    checkpoint."""
     if stage.checkpoint != "last":
         step = int(stage.checkpoint.removeprefix("step-"))
         path = _checkpoint_path(stages[stage.arm], step)
@@ -260,56 +328,56 @@ def _arm_model(stage: Stage, stages: dict[str, Stage], models: ModelCache):
             from mft_bench.masking import apply_masks, load_masks
 
             base = models.fft_model(stages["fft"])
-            return apply_masks(copy.deepcopy(base), load_masks(path, base_model=base)).eval(), None
-        return load_model_folder(path, models.recipe.backbone.dtype), path
+            return apply_masks(copy.deepcopy(base), load_masks(path, base_model=base)).eval(), None, False
+        return load_model_folder(path, models.recipe.backbone.dtype), path, False
     if stage.arm == "baseline":
-        return models.backbone(), None
+        return models.backbone(), None, True
     if stage.arm == "fft":
-        return models.fft_model(stages["fft"]), stages["fft"].folder / "model"
+        return models.fft_model(stages["fft"]), stages["fft"].folder / "model", True
     folder = stages[stage.arm].folder / "model"
-    return load_model_folder(folder, models.recipe.backbone.dtype), folder
+    return load_model_folder(folder, models.recipe.backbone.dtype), folder, False
 
 
-def _on_accelerator(model):
-    """Every arm is evaluated on the same device: the GPU when there is one (Trainer left trained arms there)."""
-    import torch
-
-    if torch.cuda.is_available() and next(model.parameters()).device.type == "cpu":
-        model = model.to("cuda")
-    return model
-
-
-def run_eval_stage(recipe: Recipe, stage: Stage, stages: dict[str, Stage], models: ModelCache) -> dict[str, Any]:
+def run_eval_stage(recipe: Recipe, stage: Stage, stages: dict[str, Stage], models: ModelCache,
+                   procs: RunProcesses) -> dict[str, Any]:
+    """Evaluate one arm on one benchmark on this process's device; a cached model goes back to the CPU after."""
     from mft_bench.evaluation.runner import evaluate
 
     bench = next(b for b in recipe.evaluation.benchmarks if b.name == stage.benchmark)
     options = stage.key["benchmark"]["options"]
     backend = recipe.evaluation.backend
+    cached = False
     if backend == "vllm" and stage.checkpoint == "last":  # the engine loads the exported folder itself
         model = None
         folder = stages[stage.arm].folder / "model" if stage.arm != "baseline" else Path(recipe.backbone.name)
     else:
-        model, folder = _arm_model(stage, stages, models)
-        model = _on_accelerator(model)
+        model, folder, cached = _arm_model(stage, stages, models)
+        model = model.to(procs.device())
         if backend == "vllm" and folder is None:  # an in-memory MFT checkpoint: export it for the engine
             folder = stage.folder / "model"
             if not folder.is_dir():
                 _save_model_atomic(model, models.tokenizer(), folder)
-    metrics = evaluate(model, models.tokenizer(), bench.name, stage.folder, options=options, limit=bench.limit,
-                       backend=backend, batch_size=recipe.evaluation.batch_size, data_dir=recipe.data.data_dir,
-                       model_path=str(folder) if folder else None, seed=recipe.seed)
-    if stage.arm not in ("baseline", "fft"):
+    try:
+        metrics = evaluate(model, models.tokenizer(), bench.name, stage.folder, options=options, limit=bench.limit,
+                           backend=backend, batch_size=recipe.evaluation.batch_size, data_dir=recipe.data.data_dir,
+                           model_path=str(folder) if folder else None, seed=recipe.seed)
+    finally:
+        if cached and model is not None:
+            model.to("cpu")
         del model
-        gc.collect()
+        _release_memory()
     return {"metrics": "metrics.json", "records": "records.jsonl", "summary": metrics.get("metrics", {})}
 
 
 # ----------------------------------------------------------------------------- driver
 
 
-def preflight(recipe: Recipe, models: ModelCache) -> None:
-    """Check what can only be checked against the model (it loads anyway) before any stage starts:
-    a bad layer band or module name fails now, not after an hour of FFT."""
+def preflight(recipe: Recipe, models: ModelCache, world_size: int) -> None:
+    """Check what can only be checked against the model or the machine before any stage starts: a bad layer band,
+    module name or batch split fails now, not after an hour of FFT."""
+    for arm in ("fft", "mft", "lora"):
+        if arm in recipe.arms:
+            train_config(recipe, arm, world_size, _device_bytes())
     model = models.backbone()
     if any(arm in recipe.arms for arm in ("mft", "random_mask", "magnitude_mask")):
         from mft_bench.masking.architectures import resolve_targets
@@ -317,26 +385,50 @@ def preflight(recipe: Recipe, models: ModelCache) -> None:
         resolve_targets(model, list(recipe.mask.layers), recipe.mask.modules)
 
 
-def _run_stage(recipe: Recipe, stage: Stage, stages: dict[str, Stage], models: ModelCache, progress) -> None:
-    if stage.done():
+def _run_stage(recipe: Recipe, stage: Stage, stages: dict[str, Stage], models: ModelCache, procs: RunProcesses,
+               progress) -> None:
+    """Run one stage where it belongs: training on every process, everything else on the process calling it."""
+    done = stage.done()
+    if progress and procs.is_main:
+        progress(stage, "cached" if done else "running")
+    if done:
         logger.info("stage %s: cached", stage.name)
-        if progress:
-            progress(stage, "cached")
         return
-    if progress:
-        progress(stage, "running")
-    stage.folder.mkdir(parents=True, exist_ok=True)
-    if stage.kind == "data":
-        outputs = run_data_stage(recipe, stage, models)
-    elif stage.kind == "train":
-        outputs = run_train_stage(recipe, stage, stages, models)
-    elif stage.kind == "mask":
-        outputs = run_mask_stage(recipe, stage, stages, models)
+    if stage.kind == "train":
+        procs.on_main(stage.folder.mkdir, parents=True, exist_ok=True)
+        outputs = run_train_stage(recipe, stage, stages, models, procs)
+        procs.on_main(finish_stage, stage, outputs)
     else:
-        outputs = run_eval_stage(recipe, stage, stages, models)
-    finish_stage(stage, outputs)
-    if progress:
+        stage.folder.mkdir(parents=True, exist_ok=True)
+        if stage.kind == "data":
+            outputs = run_data_stage(recipe, stage, models)
+        elif stage.kind == "mask":
+            outputs = run_mask_stage(recipe, stage, stages, models)
+        else:
+            outputs = run_eval_stage(recipe, stage, stages, models, procs)
+        finish_stage(stage, outputs)
+    if progress and procs.is_main:
         progress(stage, "done")
+
+
+def _run_stages(recipe: Recipe, stages_list: list[Stage], stages: dict[str, Stage], models: ModelCache,
+                procs: RunProcesses, progress) -> None:
+    """Stages in plan order; a run of consecutive evaluation stages is dealt out to the processes."""
+    index = 0
+    while index < len(stages_list):
+        stage = stages_list[index]
+        if stage.kind == "eval":
+            block = []
+            while index < len(stages_list) and stages_list[index].kind == "eval":
+                block.append(stages_list[index])
+                index += 1
+            procs.share(block, lambda s: _run_stage(recipe, s, stages, models, procs, progress))
+            continue
+        if stage.kind == "train":
+            _run_stage(recipe, stage, stages, models, procs, progress)
+        else:
+            procs.on_main(_run_stage, recipe, stage, stages, models, procs, progress)
+        index += 1
 
 
 def intermediate_stages(recipe: Recipe, run_dir: Path, stages: dict[str, Stage]) -> list[Stage]:
@@ -351,40 +443,52 @@ def intermediate_stages(recipe: Recipe, run_dir: Path, stages: dict[str, Stage])
     return extra
 
 
-def run_recipe(recipe: Recipe, run_dir: Path, *, force: list[str] | None = None,
-               progress=None) -> dict[str, Any]:
-    """Run every unfinished stage, write run.json, build and write the report. Returns the report."""
-    from mft_bench.recipe import stable_hash
-
+def _prepare_run_dir(recipe: Recipe, run_dir: Path, stages_list: list[Stage], force: list[str]) -> None:
     check_run_dir(recipe, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.yaml").write_text(recipe_yaml(recipe))
-    stages_list = build_plan(recipe, run_dir)
     stages = {stage.name: stage for stage in stages_list}
-    for name in stages_to_force(stages_list, force or []):
+    for name in stages_to_force(stages_list, force):
         moved = retire_folder(stages[name].folder)
         if moved:
             logger.info("--force: moved %s aside to %s", stages[name].folder.name, moved)
 
+
+def run_recipe(recipe: Recipe, run_dir: Path, *, force: list[str] | None = None,
+               progress=None, procs: RunProcesses | None = None) -> dict[str, Any]:
+    """Run every unfinished stage, write run.json, build and write the report. Returns the report (on the main
+    process; the others return an empty dict)."""
+    from mft_bench.recipe import stable_hash
+    from mft_bench.train.strategy import refuse_launcher_strategy
+
+    procs = procs or RunProcesses.from_environment()
+    refuse_launcher_strategy()
+    stages_list = build_plan(recipe, run_dir)
+    stages = {stage.name: stage for stage in stages_list}
+    procs.on_main(_prepare_run_dir, recipe, run_dir, stages_list, force or [])
+
     models = ModelCache(recipe)
     if not all(stage.done() for stage in stages_list):
-        preflight(recipe, models)
-    for stage in stages_list:
-        _run_stage(recipe, stage, stages, models, progress)
+        procs.on_main(preflight, recipe, models, procs.world_size)
+    _run_stages(recipe, stages_list, stages, models, procs, progress)
 
     if recipe.evaluation.checkpoints == "all":
         extra = intermediate_stages(recipe, run_dir, stages)
         for stage in extra:
             stages[stage.name] = stage
-            _run_stage(recipe, stage, stages, models, progress)
+        _run_stages(recipe, extra, stages, models, procs, progress)
         stages_list = stages_list + extra
-    run_info = build_run_info(recipe, run_dir, stages_list, stable_hash(recipe.model_dump(mode="json")))
-    write_json_atomic(run_dir / RUN_FILE, run_info)
-    from mft_bench.report import build_report, write_report
 
-    report = build_report(run_dir)
-    write_report(report, run_dir)
-    return report
+    def finish() -> dict[str, Any]:
+        from mft_bench.report import build_report, write_report
+
+        write_json_atomic(run_dir / RUN_FILE,
+                          build_run_info(recipe, run_dir, stages_list, stable_hash(recipe.model_dump(mode="json"))))
+        report = build_report(run_dir)
+        write_report(report, run_dir)
+        return report
+
+    return procs.on_main(finish) or {}
 
 
 def build_run_info(recipe: Recipe, run_dir: Path, stages: list[Stage], recipe_hash: str) -> dict[str, Any]:

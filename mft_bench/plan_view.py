@@ -42,7 +42,7 @@ def _training_tokens(recipe: Recipe, data_stage: Stage) -> int:
 
 def _arm_tokens(spec, tokens_per_epoch: int, avg_row_tokens: float) -> int:
     if spec.max_steps and spec.max_steps > 0:
-        return int(spec.max_steps * spec.per_device_batch_size * spec.gradient_accumulation_steps * avg_row_tokens)
+        return int(spec.max_steps * spec.global_batch_size * avg_row_tokens)
     return int(tokens_per_epoch * spec.epochs)
 
 
@@ -101,7 +101,7 @@ def estimate_stages(recipe: Recipe, stages: list[Stage]):
             estimates[stage.name] = estimate_training(
                 shape, stage.name, tokens, hardware=hardware, dtype_bytes=dtype_bytes,
                 gradient_checkpointing=spec.gradient_checkpointing, seq_len=max(int(avg_row), 1),
-                micro_batch_tokens=micro, tokens_per_step=micro * spec.gradient_accumulation_steps, **kwargs)
+                micro_batch_tokens=micro, tokens_per_step=int(spec.global_batch_size * avg_row), **kwargs)
         elif stage.kind == "eval":
             bench = next(b for b in recipe.evaluation.benchmarks if b.name == stage.benchmark)
             items, prompt, new, shared = _bench_shape(bench.name, bench.limit, bench.options)

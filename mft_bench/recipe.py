@@ -22,6 +22,15 @@ from mft_bench.errors import MftBenchError
 ARMS = ("baseline", "fft", "mft", "lora", "random_mask", "magnitude_mask")
 # arms that need the FFT model first
 NEEDS_FFT = ("mft", "random_mask", "magnitude_mask")
+# training arms whose every process needs the whole model (they cannot shard weights)
+REPLICATED_ARMS = ("mft", "lora")
+# keys of earlier recipe versions: the one line that says what replaced them
+REMOVED_KEYS = {
+    "gradient_accumulation_steps": "replaced by global_batch_size (rows per optimizer step on any number of processes "
+                                   "= per_device_batch_size x accumulation x processes; the paper's is 128)",
+    "bf16": "removed: training computes in backbone.dtype; set precision: mixed (fp32 master weights, the default) "
+            "or pure",
+}
 
 
 class _Strict(BaseModel):
@@ -42,7 +51,16 @@ class DataSpec(_Strict):
 
 
 class TrainSpec(_Strict):
-    """Hyperparameters of one training arm; defaults are the paper's (LLaMA2-7B, 8 GPUs x 1 x 16)."""
+    """Hyperparameters of one training arm; defaults are the paper's (LLaMA2-7B: 8 GPUs x 1 x 16 = 128 rows a step).
+
+    ``global_batch_size`` is the rows of one optimizer step across every process; the accumulation is derived from
+    it, ``per_device_batch_size`` and the number of processes, so a recipe trains the same on 1 GPU or 8.
+    ``precision``: ``mixed`` keeps the trained weights in fp32 and computes in ``backbone.dtype`` (autocast), as the
+    official code's DeepSpeed bf16 did; ``pure`` trains the weights in ``backbone.dtype`` itself (bf16 AdamW at lr
+    2e-5 loses most updates: a step is below half a bf16 ulp for |w| ~ 0.02).
+    ``strategy``: how the arm spreads over processes: ``ddp`` replicates the model, ``fsdp`` shards weights,
+    gradients and optimizer state (FFT only), ``auto`` shards FFT only when a replica would not fit a GPU.
+    """
 
     epochs: float = Field(default=2.0, gt=0)
     max_steps: int = -1
@@ -50,14 +68,35 @@ class TrainSpec(_Strict):
     lr_scheduler: str = "linear"
     warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
     weight_decay: float = Field(default=0.0, ge=0)
+    global_batch_size: int = Field(default=128, ge=1)
     per_device_batch_size: int = Field(default=1, ge=1)
-    gradient_accumulation_steps: int = Field(default=128, ge=1)
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
-    bf16: bool = False
+    precision: Literal["mixed", "pure"] = "mixed"
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
     save_every: float | None = Field(default=None, gt=0)  # fraction of an epoch between exports (paper: 1/3)
     resume_every_steps: int | None = Field(default=None, ge=1)  # optimizer steps between resume checkpoints
     group_by_length: bool = True
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> "TrainSpec":
+        if self.global_batch_size % self.per_device_batch_size:
+            raise ValueError(
+                f"global_batch_size {self.global_batch_size} is not a multiple of per_device_batch_size "
+                f"{self.per_device_batch_size}"
+            )
+        return self
+
+    def accumulation_steps(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on each of ``world_size`` processes; refuses a batch it cannot make."""
+        per_step = self.per_device_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise MftBenchError(
+                f"global_batch_size {self.global_batch_size} cannot be split into per_device_batch_size "
+                f"{self.per_device_batch_size} x {world_size} process(es): choose a global batch that is a multiple "
+                f"of {per_step}, or another per-device batch or process count"
+            )
+        return self.global_batch_size // per_step
 
 
 class LoraSpec(TrainSpec):
@@ -140,6 +179,15 @@ class Recipe(_Strict):
         needing = [arm for arm in self.arms if arm in NEEDS_FFT]
         if needing and "fft" not in self.arms:
             raise ValueError(f"arms {needing} start from the FFT model: add 'fft' to arms")
+        for arm in REPLICATED_ARMS:
+            if getattr(self, arm).strategy == "fsdp":
+                raise ValueError(
+                    f"{arm}.strategy fsdp: the {arm} arm reads whole weights on every process (masks / merged "
+                    "adapters); use ddp or auto (only fft shards)"
+                )
+        if self.backbone.dtype == "float16" and any(getattr(self, a).precision == "pure" for a in ("fft", "mft", "lora")):
+            raise ValueError("precision pure with backbone.dtype float16: fp16 weights cannot be trained without an "
+                             "fp32 master copy; use precision mixed or bfloat16")
         return self
 
     def content_hash(self) -> str:
@@ -161,6 +209,9 @@ def _first_error_line(exc: ValidationError, source: str) -> str:
     field = _format_location(error["loc"]) or "(top level)"
     kind = error["type"]
     if kind == "extra_forbidden":
+        removed = REMOVED_KEYS.get(str(error["loc"][-1]))
+        if removed:
+            return f"{source}: '{field}' was {removed}"
         return f"{source}: unknown key '{field}'"
     if kind == "missing":
         return f"{source}: missing required key '{field}'"

@@ -22,9 +22,9 @@ MINI = {
     "data": {"sources": [{"name": "synthetic_math", "rows": 24}], "validation_rows": 4, "max_length": 192},
     "arms": ["baseline", "fft", "mft", "random_mask"],
     "mask": {"layers": [2, 3], "mask_ratio": 0.1},
-    "fft": {"epochs": 2, "learning_rate": 1e-3, "per_device_batch_size": 2, "gradient_accumulation_steps": 1,
+    "fft": {"epochs": 2, "learning_rate": 1e-3, "global_batch_size": 2, "per_device_batch_size": 2,
             "warmup_ratio": 0.0, "resume_every_steps": 2},
-    "mft": {"epochs": 2, "learning_rate": 1e-2, "per_device_batch_size": 2, "gradient_accumulation_steps": 1,
+    "mft": {"epochs": 2, "learning_rate": 1e-2, "global_batch_size": 2, "per_device_batch_size": 2,
             "warmup_ratio": 0.0, "resume_every_steps": 2},
     "evaluation": {"batch_size": 4, "benchmarks": [{"name": "synthetic_math", "options": {"n": 6, "max_new_tokens": 48}}]},
 }

@@ -35,7 +35,41 @@ def test_paper_recipes_use_the_paper_bands(domain, band):
         assert recipe.mask.layers == band
         assert recipe.mask.mask_ratio == 0.1
         assert recipe.fft.learning_rate == 2e-5 and recipe.fft.epochs == 2
-        assert recipe.fft.per_device_batch_size * recipe.fft.gradient_accumulation_steps * 8 == 128
+        for arm in ("fft", "mft", "lora"):
+            spec = getattr(recipe, arm)
+            assert spec.global_batch_size == 128 and spec.precision == "mixed"
+            # the official 8 GPUs x 1 x 16, and the same 128 rows a step on 1 GPU
+            assert spec.accumulation_steps(8) == 16 and spec.accumulation_steps(1) == 128
+        assert recipe.backbone.dtype == "bfloat16"
+
+
+def test_global_batch_is_split_exactly_or_refused(tmp_path):
+    spec = load_recipe(ROOT / "tasks" / "smoke.yaml").fft  # global 4, 4 per device
+    assert spec.accumulation_steps(1) == 1
+    with pytest.raises(MftBenchError, match="global_batch_size 4 cannot be split into per_device_batch_size 4 x 2"):
+        spec.accumulation_steps(2)
+
+
+@pytest.mark.parametrize("key,fix", [("gradient_accumulation_steps", "global_batch_size"), ("bf16", "precision")])
+def test_removed_training_keys_name_their_replacement(tmp_path, key, fix):
+    text = (ROOT / "tasks" / "smoke.yaml").read_text().replace("warmup_ratio: 0.0}", f"warmup_ratio: 0.0, {key}: 1}}", 1)
+    path = tmp_path / "old.yaml"
+    path.write_text(text)
+    with pytest.raises(MftBenchError, match=f"'fft.{key}' was .*{fix}"):
+        load_recipe(path)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("mft.strategy=fsdp", "mft.strategy fsdp"),
+    ("fft.global_batch_size=6", "not a multiple of per_device_batch_size 4"),
+    ("backbone.dtype=float16", None),  # mixed fp16 is fine
+])
+def test_training_settings_the_recipe_alone_refuses(override, message):
+    if message is None:
+        load_recipe(ROOT / "tasks" / "smoke.yaml", [override])
+        return
+    with pytest.raises(MftBenchError, match=message):
+        load_recipe(ROOT / "tasks" / "smoke.yaml", [override])
 
 
 def test_overrides_parse_yaml_values():

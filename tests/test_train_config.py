@@ -5,22 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import yaml
 
 from mft_bench.errors import MftBenchError
 from mft_bench.train import LoraSettings, TrainConfig
 from mft_bench.train.lora import SEVEN_PROJECTIONS, default_target_modules
 from mft_bench.train.sampling import EpochSeededLengthGroupedSampler
+from mft_bench.train.strategy import fsdp_arguments, refuse_launcher_strategy, resolve_strategy
 from mft_bench.train.trainer import (
     interval_steps,
     last_checkpoint,
-    require_replicated_weights,
     save_steps,
     training_arguments,
     updates_per_epoch,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_defaults_are_the_papers():
@@ -82,34 +80,49 @@ def test_training_arguments_carry_the_config(tmp_path):
     assert mft_args.weight_decay == 0.0 and not mft_args.activation_checkpointing and mft_args.eval_strategy == "no"
 
 
-@pytest.mark.parametrize("name,kind", [("multi_gpu", "MULTI_GPU"), ("deepspeed_zero2", "DEEPSPEED"),
-                                       ("deepspeed_zero3", "DEEPSPEED"), ("fsdp", "FSDP")])
-def test_shipped_accelerate_configs_load(name, kind):
-    from accelerate.commands.config.config_args import load_config_from_file
-
-    path = ROOT / "tasks" / "accelerate" / f"{name}.yaml"
-    config = load_config_from_file(str(path))
-    assert config.distributed_type.value == kind
-    raw = yaml.safe_load(path.read_text())
-    # batch/accumulation/clipping are the recipe's: pinned here they could disagree with TrainingArguments
-    assert "gradient_accumulation_steps" not in raw.get("deepspeed_config", {})
-    assert raw["mixed_precision"] == "no"
-    if name.startswith("deepspeed"):
-        assert raw["deepspeed_config"]["zero_stage"] == int(name[-1])
+def test_training_arguments_autocast_in_the_compute_dtype(tmp_path):
+    fp32 = training_arguments(TrainConfig(), tmp_path, has_eval=False)
+    bf16 = training_arguments(TrainConfig(compute_dtype="bfloat16"), tmp_path, has_eval=False)
+    fp16 = training_arguments(TrainConfig(compute_dtype="float16", precision="mixed"), tmp_path, has_eval=False)
+    assert (fp32.bf16, fp32.fp16, bf16.bf16, bf16.fp16, fp16.fp16) == (False, False, True, False, True)
+    with pytest.raises(MftBenchError, match="precision"):
+        TrainConfig(precision="bf16")
 
 
-def test_sharded_launch_refuses_mft_and_lora(monkeypatch):
-    require_replicated_weights("mft")  # plain process: fine
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
-    require_replicated_weights("mft")  # ZeRO-2 replicates weights
-    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
-    with pytest.raises(MftBenchError, match="ZeRO-3"):
-        require_replicated_weights("mft")
-    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+def test_strategy_auto_shards_fft_only_when_a_replica_does_not_fit():
+    gib = 2**30
+    assert resolve_strategy("fft", "auto", world_size=8, replica_bytes=120 * gib, device_bytes=80 * gib) == "fsdp"
+    assert resolve_strategy("fft", "auto", world_size=8, replica_bytes=60 * gib, device_bytes=80 * gib) == "ddp"
+    assert resolve_strategy("fft", "auto", world_size=1, replica_bytes=120 * gib, device_bytes=80 * gib) == "ddp"
+    assert resolve_strategy("fft", "auto", world_size=8, replica_bytes=None, device_bytes=80 * gib) == "ddp"
+    assert resolve_strategy("mft", "auto", world_size=8, replica_bytes=120 * gib, device_bytes=80 * gib) == "ddp"
+    assert resolve_strategy("fft", "fsdp", world_size=2, replica_bytes=None, device_bytes=None) == "fsdp"
+    with pytest.raises(MftBenchError, match="only the fft arm"):
+        resolve_strategy("lora", "fsdp", world_size=2, replica_bytes=None, device_bytes=None)
+
+
+def test_fsdp_shards_by_decoder_layer_with_its_own_checkpointing(tmp_path):
+    from mft_bench.backbone import tiny_model
+
+    model = tiny_model("llama", num_layers=1)
+    settings = fsdp_arguments(model, activation_checkpointing=True)
+    assert settings["fsdp_config"]["transformer_layer_cls_to_wrap"] == ["LlamaDecoderLayer"]
+    assert settings["fsdp_config"]["version"] == 2 and settings["fsdp_config"]["activation_checkpointing"]
+    args = training_arguments(TrainConfig(strategy="fsdp", gradient_checkpointing=True), tmp_path, has_eval=False,
+                              model=model)
+    assert args.fsdp_plugin_args["fsdp_version"] == 2 and args.fsdp_plugin_args["activation_checkpointing"]
+    assert not args.activation_checkpointing  # the Trainer's own would gather every layer's weights again
+
+
+def test_a_sharding_accelerate_launch_is_refused(monkeypatch):
+    refuse_launcher_strategy()  # plain launch: fine
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(MftBenchError, match="FSDP"):
-        require_replicated_weights("lora")
+    with pytest.raises(MftBenchError, match="--nproc"):
+        refuse_launcher_strategy()
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(MftBenchError, match="ACCELERATE_USE_DEEPSPEED"):
+        refuse_launcher_strategy()
 
 
 def test_lora_targets_the_seven_projections_when_present():

@@ -39,8 +39,8 @@ class ExportCallback(TrainerCallback):
         self.interval_steps = interval_steps
         self.trainer: Trainer | None = None
 
-    def bind(self, trainer: Trainer) -> ExportCallback:
-        self.trainer = trainer  # collective saves (ZeRO-3, FSDP) go through the Trainer
+    def bind(self, trainer: Trainer | None) -> ExportCallback:
+        self.trainer = trainer  # collective saves (FSDP) go through the Trainer; None once training is over
         return self
 
     def is_due(self, step: int, max_steps: int) -> bool:

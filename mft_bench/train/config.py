@@ -1,8 +1,9 @@
 """Typed settings and results of the training arms (fft, mft, lora).
 
 Defaults are the paper's (arXiv 2503.22764, LLaMA2-7B; see DESIGN.md): AdamW lr 2e-5, linear schedule with 3%
-warmup, no weight decay, 2 epochs, effective batch 128 (4 per device x 32 accumulation steps on one device).
-A recipe overrides any of them.
+warmup, no weight decay, 2 epochs, effective batch 128 (4 per device x 32 accumulation steps on one process).
+A recipe overrides any of them; the pipeline derives the accumulation from the recipe's global batch and the
+number of processes.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from typing import Any
 from mft_bench.errors import MftBenchError
 
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+PRECISIONS = ("mixed", "pure")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+STRATEGIES = ("ddp", "fsdp")
 
 
 @dataclass
@@ -30,7 +34,11 @@ class TrainConfig:
     gradient_accumulation_steps: int = 32  # effective 128 on 1 device
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
-    bf16: bool = False
+    # mixed: trained weights kept in fp32, compute (autocast) and exports in compute_dtype; pure: trained weights in
+    # compute_dtype themselves. compute_dtype is the backbone's dtype.
+    precision: str = "mixed"
+    compute_dtype: str = "float32"
+    strategy: str = "ddp"  # ddp: a whole replica per process; fsdp: weights, grads and optimizer state sharded
     save_every: float | None = None  # fraction of an epoch (paper: 1/3) -> intermediate exports; None = final only
     logging_steps: int = 1
     seed: int = 0
@@ -58,6 +66,11 @@ class TrainConfig:
             )
         if self.resume_every_steps is not None:
             _positive("resume_every_steps", self.resume_every_steps)
+        for name, value, allowed in (("precision", self.precision, PRECISIONS),
+                                     ("compute_dtype", self.compute_dtype, COMPUTE_DTYPES),
+                                     ("strategy", self.strategy, STRATEGIES)):
+            if value not in allowed:
+                raise MftBenchError(f"train.{name} must be one of {', '.join(allowed)}, got {value!r}")
 
 
 @dataclass

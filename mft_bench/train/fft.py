@@ -9,29 +9,30 @@ from pathlib import Path
 from transformers import Trainer, TrainerCallback
 
 from mft_bench.train.config import TrainConfig, TrainResult
-from mft_bench.train.trainer import collect_exports, release_gguf_quantizer, run_arm, training_arguments
+from mft_bench.train.precision import cast_floating, dtype_of, keep_trainable_in_fp32
+from mft_bench.train.trainer import collect_exports, release, release_gguf_quantizer, run_arm, training_arguments
 
 logger = logging.getLogger(__name__)
 
-# Trainer's bookkeeping inside a saved model folder; an export is a plain HF model folder without it.
-_NOT_EXPORTED = ("training_args.bin",)
-
 
 class DenseExporter:
-    """``exports/step-N``: the model as a standard HF folder (safetensors + config + tokenizer)."""
+    """``exports/step-N``: the model as a standard HF folder (safetensors + config + tokenizer) in ``dtype``, the
+    backbone's: fp32 master weights of mixed-precision training are cast once, here."""
 
-    def __init__(self, output_dir: Path) -> None:
+    def __init__(self, output_dir: Path, dtype: str) -> None:
         self.exports = output_dir / "exports"
+        self.dtype = dtype_of(dtype)
 
     def path(self, step: int) -> Path:
         return self.exports / f"step-{step}"
 
     def write(self, trainer: Trainer, target: Path) -> None:
-        # Trainer.save_model gathers ZeRO-3 / FSDP shards; every rank must call it
-        trainer.save_model(str(target))
+        # gathers FSDP shards into a whole state dict on the main process: every process must call it
+        state_dict = trainer.accelerator.get_state_dict(trainer.model)
         if trainer.accelerator.is_main_process:
-            for name in _NOT_EXPORTED:
-                (target / name).unlink(missing_ok=True)
+            model = trainer.accelerator.unwrap_model(trainer.model)
+            model.save_pretrained(str(target), state_dict=cast_floating(state_dict, self.dtype))
+            trainer.processing_class.save_pretrained(str(target))
 
 
 def train_fft(
@@ -44,18 +45,30 @@ def train_fft(
     *,
     callbacks: Sequence[TrainerCallback] = (),
 ) -> TrainResult:
-    """Fully fine-tune ``model`` in place; exports under ``output_dir/exports/step-N``, resumable."""
+    """Fully fine-tune ``model`` in place; exports under ``output_dir/exports/step-N``, resumable.
+
+    ``TrainResult.model`` is the trained model cast to ``config.compute_dtype`` (what the exports hold), or None when
+    it was sharded (FSDP): read the last export then.
+    """
     output_dir = Path(output_dir)
     release_gguf_quantizer(model, "fft")
     for param in model.parameters():
         param.requires_grad_(True)  # a backbone may arrive frozen (e.g. from an eval stage)
-    exporter = DenseExporter(output_dir)
-    args = training_arguments(config, output_dir, has_eval=eval_dataset is not None)
+    if config.precision == "mixed":
+        cast = keep_trainable_in_fp32(model)
+        if cast:
+            logger.info("mixed precision: %d weight tensors kept in fp32, compute in %s", cast, config.compute_dtype)
+    exporter = DenseExporter(output_dir, config.compute_dtype)
+    args = training_arguments(config, output_dir, has_eval=eval_dataset is not None, model=model)
     trainer = run_arm(
         model=model, tokenizer=tokenizer, train_dataset=train_dataset, eval_dataset=eval_dataset, config=config,
         output_dir=output_dir, exporter=exporter, args=args, callbacks=callbacks,
     )
     checkpoints, validation = collect_exports(trainer, exporter)
-    trained = trainer.accelerator.unwrap_model(trainer.model)
-    return TrainResult(model=trained.eval(), log_history=list(trainer.state.log_history), checkpoints=checkpoints,
-                       masks=None, validation_loss=validation)
+    log_history = list(trainer.state.log_history)
+    trained = None if trainer.is_fsdp_enabled else trainer.accelerator.unwrap_model(trainer.model)
+    release(trainer)
+    if trained is not None:
+        trained = trained.to(dtype_of(config.compute_dtype)).eval()
+    return TrainResult(model=trained, log_history=log_history, checkpoints=checkpoints, masks=None,
+                       validation_loss=validation)

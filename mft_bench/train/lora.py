@@ -10,11 +10,13 @@ from pathlib import Path
 from transformers import Trainer, TrainerCallback
 
 from mft_bench.masking.architectures import LLAMA_PROJECTIONS
+from mft_bench.errors import MftBenchError
 from mft_bench.train.config import LoraSettings, TrainConfig, TrainResult
+from mft_bench.train.precision import dtype_of
 from mft_bench.train.trainer import (
     collect_exports,
+    release,
     release_gguf_quantizer,
-    require_replicated_weights,
     run_arm,
     training_arguments,
 )
@@ -46,22 +48,29 @@ def lora_config(model, settings: LoraSettings):
     )
 
 
-class MergedExporter:
-    """``exports/step-N``: base weights with the adapters merged in, as a plain HF folder."""
+def merged_dense(peft_model, dtype, *, in_place: bool = False):
+    """``peft_model`` with its adapters merged into a dense model: the merge runs in fp32 and the result is cast to
+    ``dtype`` once (merging into bf16 weights would round the small adapter deltas away twice). Unless ``in_place``
+    a copy is merged: merging and unmerging again is not bit-exact and would perturb a model still training."""
+    source = peft_model if in_place else copy.deepcopy(peft_model)
+    return source.float().merge_and_unload().to(dtype)
 
-    def __init__(self, output_dir: Path, tokenizer) -> None:
+
+class MergedExporter:
+    """``exports/step-N``: base weights with the adapters merged in, as a plain HF folder in ``dtype``."""
+
+    def __init__(self, output_dir: Path, tokenizer, dtype: str) -> None:
         self.exports = output_dir / "exports"
         self.tokenizer = tokenizer
+        self.dtype = dtype_of(dtype)
 
     def path(self, step: int) -> Path:
         return self.exports / f"step-{step}"
 
     def write(self, trainer: Trainer, target: Path) -> None:
         if not trainer.accelerator.is_main_process:
-            return  # DDP replicas are identical (ZeRO-3/FSDP-sharded LoRA is not supported here)
-        peft_model = trainer.accelerator.unwrap_model(trainer.model)
-        # merge a copy: merging in place and unmerging again is not bit-exact and would perturb training
-        merged = copy.deepcopy(peft_model).merge_and_unload()
+            return  # data-parallel replicas are identical (LoRA never shards)
+        merged = merged_dense(trainer.accelerator.unwrap_model(trainer.model), self.dtype)
         merged.save_pretrained(str(target))
         self.tokenizer.save_pretrained(str(target))
 
@@ -77,22 +86,27 @@ def train_lora(
     *,
     callbacks: Sequence[TrainerCallback] = (),
 ) -> TrainResult:
-    """Train LoRA adapters on ``model`` (modified in place); return the merged dense model."""
+    """Train LoRA adapters on ``model`` (modified in place); return the merged dense model in
+    ``config.compute_dtype``. Mixed precision keeps the adapters in fp32 over a base in the model's dtype."""
     from peft import get_peft_model
 
-    require_replicated_weights("lora")
+    if config.strategy != "ddp":
+        raise MftBenchError("LoRA merges adapters into whole weights on every process: train it with strategy ddp")
     output_dir = Path(output_dir)
     release_gguf_quantizer(model, "lora", allow_quantized=True)
-    peft_model = get_peft_model(model, lora_config(model, lora))
+    peft_model = get_peft_model(model, lora_config(model, lora), autocast_adapter_dtype=config.precision == "mixed")
     trainable, total = peft_model.get_nb_trainable_parameters()
     logger.info("LoRA: %d trainable of %d parameters (%.3f%%)", trainable, total, 100 * trainable / total)
-    exporter = MergedExporter(output_dir, tokenizer)
+    exporter = MergedExporter(output_dir, tokenizer, config.compute_dtype)
     args = training_arguments(config, output_dir, has_eval=eval_dataset is not None)
     trainer = run_arm(
         model=peft_model, tokenizer=tokenizer, train_dataset=train_dataset, eval_dataset=eval_dataset,
         config=config, output_dir=output_dir, exporter=exporter, args=args, callbacks=callbacks,
     )
     checkpoints, validation = collect_exports(trainer, exporter)
-    merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
-    return TrainResult(model=merged.eval(), log_history=list(trainer.state.log_history), checkpoints=checkpoints,
+    log_history = list(trainer.state.log_history)
+    trained = trainer.accelerator.unwrap_model(trainer.model)
+    release(trainer)
+    merged = merged_dense(trained, dtype_of(config.compute_dtype), in_place=True)
+    return TrainResult(model=merged.eval(), log_history=log_history, checkpoints=checkpoints,
                        masks=None, validation_loss=validation)

@@ -20,8 +20,8 @@ from mft_bench.train.config import TrainConfig, TrainResult
 from mft_bench.train.trainer import (
     ArmTrainer,
     collect_exports,
+    release,
     release_gguf_quantizer,
-    require_replicated_weights,
     run_arm,
     training_arguments,
 )
@@ -97,11 +97,14 @@ def train_mft(
 ) -> TrainResult:
     """Attach masks per ``mask_spec`` to the FFT ``model`` (in place) and train their scores; resumable.
 
-    Exports the masks at each interval as ``output_dir/exports/masks-step-N.safetensors``.
+    Exports the masks at each interval as ``output_dir/exports/masks-step-N.safetensors``. The scores are fp32
+    whatever ``config.precision`` (as in the official code); the frozen weights stay in the model's dtype and the
+    compute runs in ``config.compute_dtype``.
     """
     from mft_bench.masking import attach_masks, current_masks
 
-    require_replicated_weights("mft")
+    if config.strategy != "ddp":
+        raise MftBenchError("MFT reads whole weights on every process: train it with strategy ddp")
     output_dir = Path(output_dir)
     release_gguf_quantizer(model, "mft")
     names = attach_masks(model, mask_spec)
@@ -121,6 +124,8 @@ def train_mft(
         callbacks=[MaskRefreshCallback(), *callbacks],
     )
     checkpoints, validation = collect_exports(trainer, exporter)
+    log_history = list(trainer.state.log_history)
     trained = trainer.accelerator.unwrap_model(trainer.model)
-    return TrainResult(model=trained.eval(), log_history=list(trainer.state.log_history), checkpoints=checkpoints,
+    release(trainer)
+    return TrainResult(model=trained.eval(), log_history=log_history, checkpoints=checkpoints,
                        masks=current_masks(trained), validation_loss=validation)

@@ -1,15 +1,17 @@
 """Glue shared by the arms: TrainingArguments from a TrainConfig, step schedule, resume, Trainer run, results.
 
-Everything distributed (DDP, DeepSpeed ZeRO-2/3, FSDP) comes from ``transformers.Trainer`` and accelerate: launched
-with ``accelerate launch --config_file tasks/accelerate/<config>.yaml ...`` the Trainer picks the plugin up.
+Everything distributed comes from ``transformers.Trainer`` and accelerate: under several processes (``mft-bench run
+--nproc N``, torchrun, accelerate launch) an arm trains data-parallel, or sharded with FSDP2 where its
+``TrainConfig.strategy`` says so (``strategy.py``). Precision settings live in ``precision.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import inspect
 import logging
 import math
-import os
 import re
 import sys
 from collections.abc import Sequence
@@ -28,7 +30,9 @@ from transformers.trainer_utils import has_length
 from mft_bench.errors import MftBenchError
 from mft_bench.train.callbacks import ExportCallback, Exporter
 from mft_bench.train.config import TrainConfig
+from mft_bench.train.precision import autocast_arguments
 from mft_bench.train.sampling import EpochSeededLengthGroupedSampler, sequence_lengths
+from mft_bench.train.strategy import fsdp_arguments, fsdp_on_cpu
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +64,9 @@ class ArmTrainer(Trainer):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.args.train_sampling_strategy != "group_by_length" or dataset is None or not has_length(dataset):
             return super()._get_train_sampler(train_dataset)
-        batch_size = self.args.train_batch_size * self.args.gradient_accumulation_steps
+        # grouped by the global batch (all processes), so the rows of each optimizer step do not depend on how many
+        # processes share it: accelerate then hands the micro-batches out to the processes in turn
+        batch_size = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         return EpochSeededLengthGroupedSampler(sequence_lengths(dataset), batch_size, seed)
 
@@ -113,26 +119,6 @@ def release_gguf_quantizer(model, arm: str, *, allow_quantized: bool = False) ->
         )
 
 
-def sharded_weights_backend() -> str | None:
-    """``"FSDP"`` or ``"DeepSpeed ZeRO-3"`` when this process was launched to shard the weights, else None."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        return "FSDP"
-    if (os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
-            and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"):
-        return "DeepSpeed ZeRO-3"
-    return None
-
-
-def require_replicated_weights(arm: str) -> None:
-    """MFT's masks and LoRA's merged exports read whole weights on rank 0; sharded launches cannot serve them."""
-    backend = sharded_weights_backend()
-    if backend is not None:
-        raise MftBenchError(
-            f"the {arm} arm needs whole weights on every process, but this run shards them ({backend}); launch "
-            "it with tasks/accelerate/multi_gpu.yaml or tasks/accelerate/deepspeed_zero2.yaml (FFT alone may shard)"
-        )
-
-
 def updates_per_epoch(num_examples: int, per_device_batch_size: int, grad_accum: int, world_size: int) -> int:
     """Optimizer steps per epoch, as Trainer counts them (accelerate gives every rank ceil(batches / world))."""
     batches = math.ceil(num_examples / per_device_batch_size)
@@ -178,9 +164,16 @@ def training_arguments(
     has_eval: bool,
     weight_decay: float | None = None,
     activation_checkpointing: bool | None = None,
+    model=None,
 ) -> TrainingArguments:
-    """TrainingArguments for one arm; save/eval steps are filled in by ``run_arm`` once the data size is known."""
+    """TrainingArguments for one arm; save/eval steps are filled in by ``run_arm`` once the data size is known.
+
+    ``model`` is needed for ``strategy="fsdp"`` (its decoder layer class is the unit of sharding)."""
     checkpointing = config.gradient_checkpointing if activation_checkpointing is None else activation_checkpointing
+    sharding = {}
+    if config.strategy == "fsdp":
+        sharding = fsdp_arguments(model, activation_checkpointing=checkpointing)
+        checkpointing = False  # FSDP's own (fsdp_arguments)
     return TrainingArguments(
         output_dir=str(output_dir),
         num_train_epochs=config.epochs,
@@ -193,7 +186,7 @@ def training_arguments(
         per_device_eval_batch_size=config.per_device_batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         max_grad_norm=config.max_grad_norm,
-        bf16=config.bf16,
+        **autocast_arguments(config.compute_dtype),
         # non-reentrant: reentrant checkpointing drops the gradient of a block whose inputs need none (frozen
         # lower layers), see DESIGN.md
         activation_checkpointing=checkpointing,
@@ -214,6 +207,7 @@ def training_arguments(
         report_to="none",
         # without it a CPU-only torchrun/accelerate launch initialises gloo but trains each rank alone
         use_cpu=not has_accelerator(),
+        **sharding,
     )
 
 
@@ -269,22 +263,36 @@ def run_arm(
                 max_steps, steps_per_epoch, export_interval or "end", args.save_steps)
 
     export_callback = ExportCallback(exporter, export_interval)
-    trainer = trainer_cls(
-        model=model,
-        args=args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-        callbacks=[*callbacks, export_callback],  # arm callbacks (mask refresh) run before the export
-    )
-    export_callback.bind(trainer)
-    resume = last_checkpoint(output_dir)
-    if resume is not None:
-        logger.info("resuming from %s", resume)
-    trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
-    trainer.accelerator.wait_for_everyone()
+    sharded_on_cpu = config.strategy == "fsdp" and args.world_size > 1 and not has_accelerator()
+    with fsdp_on_cpu() if sharded_on_cpu else contextlib.nullcontext():
+        trainer = trainer_cls(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer,
+            data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+            callbacks=[*callbacks, export_callback],  # arm callbacks (mask refresh) run before the export
+        )
+        export_callback.bind(trainer)
+        resume = last_checkpoint(output_dir)
+        if resume is not None:
+            logger.info("resuming from %s", resume)
+        trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+        trainer.accelerator.wait_for_everyone()
+    export_callback.bind(None)  # the callback's reference would keep the Trainer (and its optimizer) alive
     return trainer
+
+
+def release(trainer: Trainer) -> None:
+    """Drop what a finished Trainer holds (optimizer states, wrapped model, accelerator references) and give the
+    memory back, so the next stage starts with the device empty."""
+    trainer.accelerator.free_memory()
+    trainer.optimizer = trainer.lr_scheduler = None
+    trainer.model_wrapped = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def collect_exports(trainer: Trainer, exporter: Exporter) -> tuple[list[tuple[int, Path]], dict[int, float]]:
