@@ -94,7 +94,7 @@ def fake_vllm(monkeypatch):
     inputs = types.ModuleType("vllm.inputs")
     distributed = types.ModuleType("vllm.distributed")
     parallel_state = types.ModuleType("vllm.distributed.parallel_state")
-    inputs.TokensPrompt = TokensPrompt
+    inputs.TokensPrompt = log.TokensPrompt = TokensPrompt
     vllm.LLM, vllm.SamplingParams, vllm.inputs, vllm.distributed = LLM, SamplingParams, inputs, distributed
     distributed.parallel_state = parallel_state
     parallel_state.destroy_model_parallel = lambda: log.teardown.append("destroy_model_parallel")
@@ -127,6 +127,7 @@ def test_both_backends_build_the_same_prompt_ids(checkpoint, fake_vllm, caplog):
     with caplog.at_level(logging.WARNING), VLLMBackend(folder, dtype="bfloat16", max_length=MAX_LENGTH) as backend:
         backend.generate(batch)
     prompts, _ = fake_vllm.engines[0].calls[0]
+    assert all(type(p) is fake_vllm.TokensPrompt for p in prompts)
     assert [dict(p) for p in prompts] == [{"prompt_token_ids": ids} for ids in hf_ids]
 
     short_plain, short_chat, long_plain, long_chat = hf_ids

@@ -49,7 +49,6 @@ def _import_vllm() -> Any:
     """The vllm module, or ``MftBenchError`` when vllm or a CUDA GPU is missing."""
     try:
         vllm = importlib.import_module("vllm")
-        importlib.import_module("vllm.inputs")
     except ImportError as exc:
         raise MftBenchError(UNAVAILABLE) from exc
     import torch
@@ -57,6 +56,14 @@ def _import_vllm() -> Any:
     if not torch.cuda.is_available():
         raise MftBenchError(UNAVAILABLE)
     return vllm
+
+
+def _tokens_prompt_type() -> Any:
+    """``vllm.inputs.TokensPrompt``; it is a TypedDict, so a plain dict where a release moved it."""
+    try:
+        return importlib.import_module("vllm.inputs").TokensPrompt
+    except (ImportError, AttributeError):
+        return dict
 
 
 def request_seed(seed: int, prompt_ids: list[int]) -> int:
@@ -115,6 +122,7 @@ class VLLMBackend:
         )
         if max_length is not None:
             options["max_model_len"] = max_length
+        self._tokens_prompt = _tokens_prompt_type()
         self.llm: Any = self._vllm.LLM(**options)
 
     def encode(self, request: GenerationRequest) -> list[int]:
@@ -140,7 +148,7 @@ class VLLMBackend:
         if not requests:
             return []
         ids = [self.encode(r) for r in requests]
-        prompts = [self._vllm.inputs.TokensPrompt(prompt_token_ids=prompt) for prompt in ids]
+        prompts = [self._tokens_prompt(prompt_token_ids=prompt) for prompt in ids]
         params = [self._params(r, prompt) for r, prompt in zip(requests, ids)]
         results = self.llm.generate(prompts, params, use_tqdm=False)
         if len(results) != len(requests):
