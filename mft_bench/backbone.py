@@ -126,8 +126,25 @@ def load_backbone(name: str, *, gguf_file: str | None = None, dtype: str = "floa
         from mft_bench.train.trainer import release_gguf_quantizer
 
         release_gguf_quantizer(model, "backbone")
+    return model.eval(), _with_defaults(tokenizer)
+
+
+def load_tokenizer(folder: str):
+    """The tokenizer of a model folder exactly as ``load_backbone`` gives it with the model (pad token and chat
+    template filled in where the files have none): for a backend that loads the model elsewhere."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MftBenchError(f"tokenizer of '{folder}' could not be loaded: {first_line}") from exc
+    return _with_defaults(tokenizer)
+
+
+def _with_defaults(tokenizer):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
-    return model.eval(), tokenizer
+    return tokenizer

@@ -163,7 +163,7 @@ def test_make_backend_errors(models, tokenizer):
 def test_vllm_without_package_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
     with pytest.raises(MftBenchError) as err:
-        VLLMBackend("some/checkpoint")
+        VLLMBackend("some/checkpoint", dtype="bfloat16")
     assert str(err.value) == UNAVAILABLE
     assert "pip install 'mft-bench[vllm]'" in UNAVAILABLE and "backend: hf" in UNAVAILABLE
 
@@ -172,7 +172,7 @@ def test_vllm_without_gpu_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(MftBenchError, match="needs the vllm package and a CUDA GPU"):
-        make_backend("vllm", model_path="some/checkpoint")
+        make_backend("vllm", model_path="some/checkpoint", dtype="bfloat16")
 
 
 def test_cache_without_row_dropping_gives_same_results(models, tokenizer, monkeypatch):

@@ -119,7 +119,7 @@ def echo(monkeypatch):
 
 
 def use_backend(monkeypatch, backend_holder: list, fail_after: int | None = None, wrapper=None) -> None:
-    def factory(name, model, tokenizer, *, model_path, batch_size, seed):
+    def factory(name, model, tokenizer, *, model_path, batch_size, seed, **_):
         inner = HFBackend(model, tokenizer, batch_size=batch_size, seed=seed)
         backend = (wrapper or CountingBackend)(inner, fail_after)
         backend_holder.append(backend)

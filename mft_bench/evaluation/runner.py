@@ -15,6 +15,7 @@ matched to items by id and prompt hash; a different prompt under the same id is 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -177,10 +178,15 @@ def evaluate(
     data_dir: str | None = None,
     model_path: str | None = None,
     seed: int = 0,
+    dtype: str | None = None,
+    max_length: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` (or the checkpoint at ``model_path``) on ``benchmark``; write and return its metrics.
 
     Resumes an interrupted evaluation in ``out_dir``; returns a finished one's metrics without recomputing.
+    ``dtype``: what a checkpoint loaded from ``model_path`` runs in (the hf backend's load, vLLM's engine; vLLM
+    needs it). ``max_length``: the context prompts are cut to, for either backend (see ``backends.make_backend``).
+    A backend that holds an engine is closed before this returns.
     """
     out_dir = Path(out_dir)
     metrics_path = out_dir / METRICS_FILE
@@ -195,7 +201,8 @@ def evaluate(
     torch.manual_seed(seed)
     if is_lm_eval(benchmark):
         return _evaluate_lm_eval(model, tokenizer, benchmark, out_dir, options=options, limit=limit,
-                                 batch_size=batch_size, model_path=model_path, seed=seed, data_dir=data_dir)
+                                 batch_size=batch_size, model_path=model_path, seed=seed, data_dir=data_dir,
+                                 dtype=dtype)
 
     bench = make_benchmark(benchmark, options, data_dir)
     items = bench.items(limit)
@@ -213,8 +220,9 @@ def evaluate(
         logger.info("%s: resuming, %d of %d items already done", benchmark, len(done), len(items))
 
     if missing:
-        generator = _backend(backend, model, tokenizer, model_path=model_path, batch_size=batch_size, seed=seed)
-        with open(records_path, "a", encoding="utf-8", newline="\n") as f, tqdm(
+        generator = _backend(backend, model, tokenizer, model_path=model_path, batch_size=batch_size, seed=seed,
+                             dtype=dtype, max_length=max_length)
+        with _closing(generator), open(records_path, "a", encoding="utf-8", newline="\n") as f, tqdm(
             total=len(items), initial=len(done), desc=f"eval {benchmark}", unit="item", disable=None
         ) as bar:
             unsynced = 0
@@ -240,20 +248,33 @@ def evaluate(
     return json.loads(text)
 
 
-def _backend(name: str, model: Any, tokenizer: Any, *, model_path: str | None, batch_size: int, seed: int):
+def _backend(name: str, model: Any, tokenizer: Any, *, model_path: str | None, batch_size: int, seed: int,
+             dtype: str | None, max_length: int | None):
     from mft_bench.evaluation.backends import make_backend
 
     if name == "hf" and model is None:
-        model, tokenizer = _load(model_path, tokenizer)
-    return make_backend(name, model=model, tokenizer=tokenizer, model_path=model_path, batch_size=batch_size, seed=seed)
+        model, tokenizer = _load(model_path, tokenizer, dtype)
+    return make_backend(name, model=model, tokenizer=tokenizer, model_path=model_path, batch_size=batch_size, seed=seed,
+                        dtype=dtype, max_length=max_length)
 
 
-def _load(model_path: str | None, tokenizer: Any) -> tuple[Any, Any]:
+@contextlib.contextmanager
+def _closing(generator: Any) -> Iterator[None]:
+    """Close ``generator`` at the end, when it has a ``close()`` (a vLLM engine: one per evaluation)."""
+    try:
+        yield
+    finally:
+        close = getattr(generator, "close", None)
+        if callable(close):
+            close()
+
+
+def _load(model_path: str | None, tokenizer: Any, dtype: str | None = None) -> tuple[Any, Any]:
     if not model_path:
         raise MftBenchError("evaluate needs a model object or model_path (a checkpoint folder)")
     from mft_bench.backbone import load_backbone
 
-    model, loaded_tokenizer = load_backbone(model_path)
+    model, loaded_tokenizer = load_backbone(model_path, dtype=dtype or "float32")
     return model, tokenizer if tokenizer is not None else loaded_tokenizer
 
 
@@ -269,6 +290,7 @@ def _evaluate_lm_eval(
     model_path: str | None,
     seed: int,
     data_dir: str | None,
+    dtype: str | None = None,
 ) -> dict[str, Any]:
     """``lm_eval:<task>``: lm-eval runs the whole loop; its metrics dict is written as metrics.json (last)."""
     options = dict(options or {})
@@ -278,7 +300,7 @@ def _evaluate_lm_eval(
             f"benchmark '{benchmark}': unknown option(s) {', '.join(unknown)}; lm_eval tasks take {', '.join(LM_EVAL_OPTIONS)}"
         )
     if model is None:
-        model, tokenizer = _load(model_path, tokenizer)
+        model, tokenizer = _load(model_path, tokenizer, dtype)
     from mft_bench.evaluation.lm_eval_task import run_lm_eval_task
 
     # Options are passed only when given, so lm_eval_task's own defaults (e.g. bootstrap_iters) apply otherwise.

@@ -54,7 +54,6 @@ import contextvars
 import copy
 import hashlib
 import inspect
-import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -65,9 +64,8 @@ import torch.nn.functional as F
 from transformers import TopPLogitsWarper
 
 from mft_bench.evaluation.backends import truncate_at_stop
+from mft_bench.evaluation.backends.token_ids import eos_token_ids, prompt_token_ids
 from mft_bench.evaluation.base import GenerationRequest
-
-logger = logging.getLogger(__name__)
 
 MIN_SHARED_PREFIX = 32  # tokens; a shorter common prefix is not worth a separate forward pass
 PREFILL_ROWS = 8  # prompts per prefill forward pass
@@ -172,7 +170,7 @@ class HFBackend:
         self.seed = seed
         self.max_length = max_length
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.eos_ids = _eos_ids(model, tokenizer)
+        self.eos_ids = eos_token_ids(tokenizer, getattr(model, "generation_config", None))
         if self.pad_id is None:
             self.pad_id = self.eos_ids[0] if self.eos_ids else 0
         self._forward_params = set(inspect.signature(model.forward).parameters)
@@ -184,23 +182,9 @@ class HFBackend:
 
     # -- encoding --------------------------------------------------------------------------------------------
     def encode(self, request: GenerationRequest) -> list[int]:
-        """Prompt token ids: raw text with the tokenizer's special tokens, or the chat template when ``chat``."""
-        if request.chat:
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": request.prompt}], tokenize=False, add_generation_prompt=True
-            )
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        else:
-            # add_special_tokens=True matches what vLLM does with a text prompt (BOS for LLaMA-style tokenizers).
-            ids = self.tokenizer(request.prompt, add_special_tokens=True)["input_ids"]
-        if self.max_length is not None:
-            keep = self.max_length - request.max_new_tokens
-            if keep < 1:
-                raise ValueError(f"max_length {self.max_length} leaves no room for the prompt")
-            if len(ids) > keep:
-                logger.warning("prompt of %d tokens cut to its last %d (max_length %d)", len(ids), keep, self.max_length)
-                ids = ids[-keep:]
-        return list(ids)
+        """Prompt token ids: raw text with the tokenizer's special tokens, or the chat template when ``chat``, cut
+        to ``max_length`` (``token_ids.prompt_token_ids``, shared with the vLLM backend)."""
+        return prompt_token_ids(self.tokenizer, request, self.max_length)
 
     # -- public ----------------------------------------------------------------------------------------------
     def generate(self, requests: list[GenerationRequest]) -> list[list[str]]:
@@ -839,16 +823,6 @@ def _pad_at(t: torch.Tensor, width: int, at: int, dim: int = -1) -> torch.Tensor
 def _unless_all_ones(mask: torch.Tensor) -> torch.Tensor | None:
     # No padding: no mask, so attention takes its plain causal path (as `generate` does); same result, faster.
     return None if bool(mask.all()) else mask
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
-    ids: list[int] = []
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in (configured, tokenizer.eos_token_id):
-        for v in value if isinstance(value, (list, tuple)) else [value]:
-            if v is not None and int(v) not in ids:
-                ids.append(int(v))
-    return ids
 
 
 def _device(model: Any) -> torch.device:
