@@ -150,8 +150,9 @@ def run_lm_eval_task(
 
     ``num_fewshot``: None keeps the task's own; ``seeds``: overrides of lm-eval's default seeds (see
     ``resolve_seeds``); ``data_dir``: the offline data directory for the shipped task YAMLs (default
-    ``$MFT_BENCH_DATA_DIR``); ``gen_kwargs``: overrides of the task's generation settings (e.g. ``{"max_gen_toks": 512}``), recorded in
-    metrics.json; ``bootstrap_iters``: lm-eval's bootstrap count for stderrs of non-mean aggregations.
+    ``$MFT_BENCH_DATA_DIR``); ``gen_kwargs``: overrides of the task's generation settings (e.g.
+    ``{"max_gen_toks": 512}``), recorded in metrics.json; ``bootstrap_iters``: lm-eval's bootstrap count for
+    stderrs of non-mean aggregations.
     """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
