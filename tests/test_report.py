@@ -278,3 +278,18 @@ def test_plots_redrawn_only_when_what_they_show_changes(run_and_report, written,
     write_report(changed, run_dir)
     assert drawn == [1, 1]  # different content: redrawn
     write_report(report, run_dir)  # leave the fixture's run folder as it was
+
+
+def test_report_markdown_says_what_each_metric_is():
+    from mft_bench.report.tables import metric_note_lines
+
+    rows = [{"benchmark": b, "metric": m} for b, m in [("gsm8k", "exact_match_flexible"),
+                                                       ("gsm8k", "exact_match_strict"),
+                                                       ("lm_eval:gsm8k_local", "exact_match,strict-match")]]
+    lines = metric_note_lines({"rows": rows})
+    assert lines[:2] == ["", "Metrics (README, 'Metrics'):"]
+    assert any(line.startswith("- gsm8k:exact_match_strict:") and "not lm-eval's strict-match" in line
+               for line in lines)
+    assert any(line.startswith("- gsm8k:exact_match_flexible:") and "OLMES" in line for line in lines)
+    assert not any("lm_eval:" in line for line in lines)  # lm-eval's metrics are lm-eval's own
+    assert metric_note_lines({"rows": [{"benchmark": "humaneval", "metric": "pass@1"}]}) == []

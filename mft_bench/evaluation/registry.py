@@ -89,3 +89,13 @@ def benchmark_versions(name: str) -> str:
     module_name, class_name, _ = _SPECS[name]
     cls = getattr(importlib.import_module(f"mft_bench.evaluation.{module_name}"), class_name)
     return f"{cls.prompt_version}/{cls.scorer_version}"
+
+
+def metric_notes(name: str) -> dict[str, str]:
+    """Metric -> one line on what it equals (and which similarly named metric it is not), for the reports;
+    empty for benchmarks without notes and for ``lm_eval:<task>`` (its metric names are lm-eval's own)."""
+    if is_lm_eval(name) or name not in _SPECS:
+        return {}
+    module_name, class_name, _ = _SPECS[name]
+    cls = getattr(importlib.import_module(f"mft_bench.evaluation.{module_name}"), class_name)
+    return dict(getattr(cls, "metric_notes", {}))

@@ -168,6 +168,19 @@ def resolution_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def metric_note_lines(report: dict[str, Any]) -> list[str]:
+    """What each shown metric equals, where its benchmark says (so that no column is read as another tool's
+    metric of a similar name); [] when none does."""
+    from mft_bench.evaluation.registry import metric_notes
+
+    notes = []
+    for benchmark, metric in _columns(report):
+        note = metric_notes(benchmark).get(metric)
+        if note:
+            notes.append(f"- {benchmark}:{metric}: {note}")
+    return ["", "Metrics (README, 'Metrics'):", *notes] if notes else []
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     header, body = wide_cells(report)
     settings = report.get("settings") or {}
@@ -192,6 +205,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         source = paper.get("source") or {}
         lines += ["", f"Paper numbers ({paper.get('model')}, {paper['entry'].get('measure', '')}): "
                   f"{source.get('figure') or source.get('paper') or ''} — {source.get('repository') or ''}"]
+    lines += metric_note_lines(report)
     lines += ["", "## Resolution", "", *resolution_lines(report)]
     method = [c for c in report["comparisons"] if c["arm_a"].split("@")[0] == "mft"]
     primary = {b: info["primary_metric"] for b, info in (report.get("benchmarks") or {}).items()}
