@@ -203,7 +203,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     paper = report.get("paper") or {}
     if paper.get("entry"):
         source = paper.get("source") or {}
-        lines += ["", f"Paper numbers ({paper.get('model')}, {paper['entry'].get('measure', '')}): "
+        selection = f"; checkpoints {paper['selection']}" if paper.get("selection") else ""
+        lines += ["", f"Paper numbers ({paper.get('model')}, {paper['entry'].get('measure', '')}{selection}): "
                   f"{source.get('figure') or source.get('paper') or ''} — {source.get('repository') or ''}"]
     lines += metric_note_lines(report)
     lines += ["", "## Resolution", "", *resolution_lines(report)]
