@@ -234,6 +234,12 @@ def test_paper_table_marks_read_off_numbers(tmp_path):
     markdown = (tmp_path / "out" / "paper_table.md").read_text()
     assert "≈55.9 (-21.1)" in markdown and "| 77.0 |" in markdown and "paper (test-selected)" in markdown
     assert "$\\approx$55.9" in (tmp_path / "out" / "paper_table.tex").read_text()
+    run_report = build_report(run_dir)
+    assert run_report["paper"]["selection"] == "test-selected"
+    write_report(run_report, run_dir)
+    assert "≈55.9" in (run_dir / "report.md").read_text() and "checkpoints test-selected" in (
+        run_dir / "report.md").read_text()
+    assert "$\\approx$55.9" in (run_dir / "report.tex").read_text()
 
 
 def test_shipped_paper_files_load_with_their_sources():

@@ -22,13 +22,13 @@ that is suppressed here (no network, no spam). ``punkt_tab`` is then needed only
 
 Deterministic verdicts: a checker whose kwargs are missing or invalid draws them from Python's global ``random``
 when it is built. In the 541 prompts that happens for ``keywords:letter_frequency`` in keys 1122 and 1129 (their
-"letters" are ``#`` and ``!``, which the checker rejects; it then counts a random ASCII letter instead), so their
-verdicts were a property of the process, not of the response. ``check_response`` builds every item's checkers
+"letters" are ``#`` and ``!``, which the checker rejects; it then counts a random ASCII letter instead), so,
+unseeded, their verdicts depend on the process, not on the response. ``check_response`` builds every item's checkers
 under ``random.seed("ifeval/<key>")`` and restores the caller's random state afterwards: the same response gets
 the same verdicts in any process, in any order, under any ``limit``. lm-eval does not seed per item: it seeds
 ``random`` once per ``simple_evaluate`` call (``random_seed``, default 0), so its draw for such an item depends
-on every draw before it in that run (the task, ``limit`` and document order). The two keys' verdicts (about one
-instruction in 540) can therefore differ from a plain lm-eval run; they measure no instruction-following either way.
+on every draw before it in that run (the task, ``limit`` and document order). Those two verdicts (of 834
+instructions) can therefore differ from a plain lm-eval run's; they measure no instruction following either way.
 """
 
 from __future__ import annotations

@@ -201,7 +201,7 @@ def render_paper_markdown(frame: pd.DataFrame) -> str:
         "Primary metric of each domain's headline benchmark, percent; (Δ vs FFT); † paired test significant "
         "at 5% (McNemar exact for 0/1 scores, paired bootstrap otherwise). Paper rows: numbers the paper "
         "reports (results/paper/), not comparable in backbone size unless the backbone matches; in brackets "
-        f"how the paper chose each arm's checkpoint (test-selected: best on the test benchmark itself); "
+        "how the paper chose each arm's checkpoint (test-selected: best on the test benchmark itself); "
         f"{READ_OFF_MARK} read off the paper's plot.",
         "",
         "| " + " | ".join(header) + " |",

@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 
 from mft_bench.report.collect import VAL_SUFFIX, atomic_write_text
-from mft_bench.report.paper import paper_value
+from mft_bench.report.paper import READ_OFF_MARK, paper_read_off, paper_value
 
 MARK = "†"
 _LATEX_SPECIAL = {
@@ -110,7 +110,8 @@ def wide_cells(report: dict[str, Any], *, minus: str = "−") -> tuple[list[str]
             line.append(cell)
             if (benchmark, metric) == paper_at:
                 value = paper_value(entry, arm)
-                line.append("—" if value is None else f"{value:.1f}")
+                mark = READ_OFF_MARK if paper_read_off(entry, arm) else ""
+                line.append("—" if value is None else f"{mark}{value:.1f}")
         body.append(line)
     return header, body
 
@@ -241,7 +242,8 @@ def render_latex(report: dict[str, Any]) -> str:
         "\\midrule",
     ]
     for line in body:
-        cells = [latex_escape(cell).replace(MARK, "$^\\dagger$") for cell in line]
+        cells = [latex_escape(cell).replace(MARK, "$^\\dagger$").replace(READ_OFF_MARK, "$\\approx$")
+                 for cell in line]
         lines.append(" & ".join(cells) + " \\\\")
     lines += ["\\bottomrule", "\\end{tabular}"]
     return "\n".join(lines) + "\n"
