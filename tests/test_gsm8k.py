@@ -141,3 +141,71 @@ def test_real_test_set(shared_data) -> None:
     assert len(items) == 1319
     assert items[0].id == "gsm8k/0" and items[0].data["gold"] == "18"  # Janet's ducks
     assert all(i.data["gold"] == gsm8k.normalize_number(i.data["gold"]) for i in items)
+
+
+def _lm_eval_scores(task_yaml: str, output: str, gold: str) -> dict[str, float]:
+    """lm-eval's own pipeline for one output: each filter of the installed task YAML, then its exact_match."""
+    import yaml
+    from lm_eval.api.metrics import exact_match_hf_evaluate
+    from lm_eval.filters import build_filter_ensemble
+
+    from mft_bench.evaluation.lm_eval_task import lm_eval_tasks_dir
+
+    config = yaml.safe_load((lm_eval_tasks_dir() / "gsm8k" / task_yaml).read_text())
+    metric = config["metric_list"][0]
+    scores = {}
+    for spec in config["filter_list"]:
+        steps = [(step["function"], {k: v for k, v in step.items() if k != "function"}) for step in spec["filter"]]
+        responses = [[output]]
+        for make_filter in build_filter_ensemble(spec["name"], steps).filters:
+            responses = make_filter().apply(responses, [{}])
+        [prediction] = list(responses)
+        scores[spec["name"]] = exact_match_hf_evaluate(
+            predictions=[prediction], references=[gold], regexes_to_ignore=metric["regexes_to_ignore"],
+            ignore_case=metric["ignore_case"], ignore_punctuation=metric["ignore_punctuation"])["exact_match"]
+    return scores
+
+
+# output, gold -> (ours strict, lm-eval gsm8k_cot strict-match, ours flexible, lm-eval flexible-extract)
+COT_CASES = [
+    ("The answer is 42.", "42", (1, 1, 1, 1)),
+    ("The answer is 1,234.", "1234", (1, 1, 1, 1)),
+    ("So the answer is 42.", "42", (1, 0, 1, 1)),  # lm-eval's strict pattern has a capital T
+    ("The answer is: 42.", "42", (1, 0, 1, 1)),
+    ("The answer is 42", "42", (1, 0, 1, 1)),  # lm-eval needs a character after the number: it reads 4
+    ("The answer is $42.", "42", (1, 0, 1, 1)),
+    ("The answer is 41. Wait, the answer is 42.", "42", (1, 0, 1, 1)),  # ours: the last statement; lm-eval: first
+    ("The answer is 42. Check: 6 * 7 = 42 and 40 + 2 = 42.", "42", (1, 1, 1, 1)),
+    ("The answer is 42.0.", "42", (1, 0, 1, 0)),  # numeric equality here, string equality in lm-eval
+    ("He ate 50-8", "8", (0, 0, 1, 0)),  # a binary minus is no sign here; lm-eval reads -8
+    ("It fell to -42", "42", (0, 0, 0, 0)),  # a sign is kept by both (OLMES would read 42)
+    ("We get 42 in total. Then 7 more", "42", (0, 0, 0, 0)),
+]
+
+
+@pytest.mark.parametrize(("output", "gold", "expected"), COT_CASES)
+def test_metrics_against_lm_eval_gsm8k_cot_filters(output: str, gold: str, expected: tuple) -> None:
+    """Pins where exact_match_strict / _flexible agree with lm-eval's strict-match / flexible-extract and where
+    they do not: the names are alike, the metrics are not."""
+    ours = gsm8k.exact_match_scores(output, gold)["scores"]
+    theirs = _lm_eval_scores("gsm8k-cot.yaml", output, gold)
+    assert (ours["exact_match_strict"], theirs["strict-match"], ours["exact_match_flexible"],
+            theirs["flexible-extract"]) == expected
+
+
+# output, gold -> (ours "hash" extraction = synthetic_math's strict, lm-eval gsm8k strict-match)
+HASH_CASES = [
+    ("6 * 7 = 42\n#### 42", "42", (1, 1)),
+    ("#### 1,500", "1500", (1, 1)),
+    ("#### 41\n#### 42", "42", (1, 0)),  # ours: the last; lm-eval: the first
+    ("####42", "42", (1, 0)),  # lm-eval's pattern needs one space
+    ("#### $42", "42", (1, 0)),
+    ("so 42", "42", (0, 0)),
+]
+
+
+@pytest.mark.parametrize(("output", "gold", "expected"), HASH_CASES)
+def test_hash_extraction_against_lm_eval_gsm8k_strict_match(output: str, gold: str, expected: tuple) -> None:
+    ours = gsm8k.exact_match_scores(output, gold, strict_mode="hash")["scores"]["exact_match_strict"]
+    theirs = _lm_eval_scores("gsm8k.yaml", output, f"...\n#### {gold}")["strict-match"]
+    assert (ours, theirs) == expected

@@ -159,3 +159,55 @@ def test_real_prompts(shared_data) -> None:
             bench.items()
     else:
         assert len(bench.items()) == 541
+
+
+SCORE_IN_A_FRESH_PROCESS = """
+import json, sys
+from mft_bench.evaluation import ifeval
+pairs = json.load(sys.stdin)
+print(json.dumps([ifeval.check_response(row, response)["follow_instruction_list_strict"] for row, response in pairs]))
+"""
+
+
+def _letter_frequency_pairs() -> list:
+    """Rows shaped like IFEval keys 1122 and 1129 (their "letters" ``#`` and ``!`` make the checker draw a random
+    letter) and responses holding half of the 26 letters often enough: a random letter passes half of them."""
+    import random
+    import string
+
+    ids = ["keywords:letter_frequency"]
+    rows = [{"key": 1122, "prompt": "Tweet with at least 4 hashtags.", "instruction_id_list": ids,
+             "kwargs": [{"let_relation": "at least", "letter": "#", "let_frequency": 4}]},
+            {"key": 1129, "prompt": "Pitch with 6 or more '!'.", "instruction_id_list": ids,
+             "kwargs": [{"let_relation": "at least", "letter": "!", "let_frequency": 6}]}]
+    pick = random.Random(0)
+    responses = [" ".join(letter * 6 for letter in pick.sample(string.ascii_lowercase, 13)) for _ in range(16)]
+    return [[row, response] for row in rows for response in responses]
+
+
+def test_random_argument_checkers_give_the_same_verdicts_in_any_process() -> None:
+    import os
+    import random
+    import subprocess
+    from pathlib import Path
+
+    pairs = _letter_frequency_pairs()
+    root = Path(__file__).resolve().parent.parent
+    runs = []
+    for hash_seed in ("1", "2"):
+        env = {**os.environ, "PYTHONPATH": str(root), "PYTHONHASHSEED": hash_seed}
+        done = subprocess.run([sys.executable, "-c", SCORE_IN_A_FRESH_PROCESS], input=json.dumps(pairs), env=env,
+                              capture_output=True, text=True, timeout=300, check=True)
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    assert runs[0] == runs[1]
+    verdicts = [v[0] for v in runs[0]]
+    assert 0 < sum(verdicts) < len(verdicts)  # the verdict depends on the drawn letter, as the responses intend
+
+    random.seed(12345)  # the caller's random state neither changes the verdicts nor is changed by scoring
+    before = random.getstate()
+    assert [ifeval.check_response(row, response)["follow_instruction_list_strict"] for row, response in pairs] \
+        == runs[0]
+    assert random.getstate() == before
+    # one item's verdict does not depend on what was scored before it
+    assert [ifeval.check_response(row, response)["follow_instruction_list_strict"]
+            for row, response in reversed(pairs)] == list(reversed(runs[0]))

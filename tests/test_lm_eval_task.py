@@ -208,3 +208,82 @@ def test_ifeval_local_runs_offline_and_missing_punkt_is_clear(model_and_tokenize
     with pytest.raises(MftBenchError, match=r"nltk\.downloader punkt_tab"):
         run_lm_eval_task(model, tokenizer, "ifeval_local", tmp_path / "out_nltk", data_dir=str(tmp_path / "nltk"),
                          gen_kwargs={"max_gen_toks": 4})
+
+
+FEWSHOT_YAML = """task: tiny_fewshot
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    train: {train}
+    test: {test}
+training_split: train
+fewshot_split: train
+test_split: test
+num_fewshot: 3
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+def _sum_rows(pairs):
+    return [{"question": f"What is {a} + {b}?", "choices": [str(a + b), str(a + b + 1)], "label": 0}
+            for a, b in pairs]
+
+
+@pytest.fixture
+def fewshot_task_dir(tmp_path):
+    """A task that draws its 3 few-shot examples at random (lm-eval's default sampler) from 16 training rows."""
+    train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in _sum_rows((a, 2 * a + 1) for a in range(16))))
+    test.write_text("".join(json.dumps(r) + "\n" for r in _sum_rows((a, 7) for a in range(20, 26))))
+    tasks = tmp_path / "fewshot_tasks"
+    tasks.mkdir()
+    (tasks / "tiny_fewshot.yaml").write_text(FEWSHOT_YAML.format(train=train, test=test))
+    return tasks
+
+
+def test_seeds_and_shots_match_a_plain_lm_eval_run(model_and_tokenizer, fewshot_task_dir, tmp_path) -> None:
+    """Through mft-bench's lm_eval path (any recipe seed) the model sees the prompts a plain
+    ``lm_eval.simple_evaluate`` shows it, with lm-eval's default seeds and the task's own num_fewshot."""
+    import copy
+
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from mft_bench.evaluation import runner
+
+    model, tokenizer = model_and_tokenizer
+    ours = runner.evaluate(model, tokenizer, "lm_eval:tiny_fewshot", tmp_path / "ours", batch_size=2, seed=7,
+                           options={"include_path": str(fewshot_task_dir)})
+    records, _ = _read(tmp_path / "ours")
+
+    lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=2)
+    plain = lm_eval.simple_evaluate(model=lm, tasks=["tiny_fewshot"], log_samples=True,
+                                    task_manager=TaskManager(include_path=[str(fewshot_task_dir)],
+                                                             include_defaults=False))
+    samples = sorted(plain["samples"]["tiny_fewshot"], key=lambda s: s["doc_id"])
+    contexts = [s["arguments"][0][0] for s in samples]
+    assert all(c.count("Question:") == 4 for c in contexts)  # the task's own 3 shots + the question
+    assert [r["prompt_hash"] for r in records] == [lm_eval_task._short_hash(c) for c in contexts]
+    assert [r["output"] for r in records] == [[float(x[0][0]) for x in s["resps"]] for s in samples]
+    assert ours["metrics"]["acc,none"]["mean"] == pytest.approx(plain["results"]["tiny_fewshot"]["acc,none"])
+    config = plain["config"]
+    assert ours["seeds"] == {"random": config["random_seed"], "numpy": config["numpy_seed"],
+                             "torch": config["torch_seed"], "fewshot": config["fewshot_seed"]}
+    assert ours["n_shot"] == {"tiny_fewshot": 3}
+
+    # a recipe may choose other seeds or shots: the few-shot draw then changes
+    other = runner.evaluate(model, tokenizer, "lm_eval:tiny_fewshot", tmp_path / "other", batch_size=2,
+                            options={"include_path": str(fewshot_task_dir), "seeds": {"fewshot": 7}})
+    other_records, _ = _read(tmp_path / "other")
+    assert other["seeds"]["fewshot"] == 7
+    assert [r["prompt_hash"] for r in other_records] != [r["prompt_hash"] for r in records]

@@ -30,6 +30,7 @@ from mft_bench.masking import (
     removed_counts,
     save_masks,
 )
+from mft_bench.masking.baselines import l1_rows_removed
 
 VOCAB = 64
 
@@ -78,6 +79,67 @@ def test_baselines_copy_given_removed_counts_and_work_on_wrapped_model():
         assert removed_counts(masks) == counts
     with pytest.raises(MftBenchError, match="kind"):
         baseline_masks(model, spec, kind="snip")
+
+
+def _official_l1_masks(model: nn.Module, masked_layers: list[int], sparsity: float) -> dict:
+    """The official L1 rule, re-implemented directly from ``generate_l1_masks`` in ``scripts/apply_masks.py`` at
+    Ming-K9/MFT d1d7a72 (subnet_mode ``both``, ``sparsity`` = the kept fraction): every ``self_attn``/``mlp``
+    parameter of a masked layer, score = mean |W| over dim 1, the ``min(int((1 - sparsity) * n), n - 1)`` rows
+    of smallest score set to 0, the row mask expanded over the parameter."""
+    masks = {}
+    for name, param in model.named_parameters():
+        if any(part in name for part in ("wte", "embed", "lm_head", "norm")):
+            continue
+        try:
+            layer = int(name.split(".")[2])
+        except (IndexError, ValueError):
+            continue
+        if layer not in masked_layers or not ("self_attn" in name or "mlp" in name):
+            continue
+        score = param.abs().mean(dim=1)
+        n_pruned = min(int((1 - sparsity) * len(score)), len(score) - 1)
+        mask = torch.ones_like(score)
+        mask[score.sort()[1][:n_pruned]] = 0
+        masks[name[:-7] if name.endswith(".weight") else name] = mask.view(-1, 1).expand_as(param)
+    return masks
+
+
+@pytest.mark.parametrize("mask_ratio", [0.1, 0.3])
+def test_l1_rows_baseline_equals_the_official_structured_l1_mask(mask_ratio):
+    model = _model("llama")
+    spec = MaskSpec(layers=[0, 2], mask_ratio=mask_ratio)
+    ours = baseline_masks(model, spec, kind="l1_rows")
+    with torch.no_grad():
+        official = _official_l1_masks(model, [0, 2], sparsity=round(1 - mask_ratio, 10))  # the config's 0.9 / 0.7
+    assert list(ours) == list(official) and len(ours) == 14  # 7 projections x 2 layers
+    for name, mask in ours.items():
+        assert mask.dtype == torch.bool and torch.equal(mask, official[name].bool()), name
+        assert bool((mask.all(dim=1) | ~mask.any(dim=1)).all()), "whole output rows kept or removed"
+        removed_rows = int((~mask.all(dim=1)).sum())
+        rows = mask.shape[0]
+        assert removed_rows == l1_rows_removed(rows, mask_ratio)
+    # the official count truncates (1 - 0.9) * rows = 0.0999...98 * rows: k_proj's 16 rows lose 1, not round(1.6)
+    k_rows = ours["model.layers.0.self_attn.k_proj"].all(dim=1)
+    assert mask_ratio != 0.1 or int((~k_rows).sum()) == 1
+    assert l1_rows_removed(4096, 0.1) == 409 and l1_rows_removed(11008, 0.1) == 1100  # LLaMA-2-7B's matrices
+    # and the removed rows are those of smallest mean |W|
+    weight = model.get_submodule("model.layers.2.mlp.down_proj").weight.detach().abs().mean(dim=1)
+    kept = ours["model.layers.2.mlp.down_proj"].all(dim=1)
+    assert weight[~kept].max() < weight[kept].min()
+
+
+def test_l1_rows_on_wrapped_and_transposed_models():
+    spec = MaskSpec(layers=[1], mask_ratio=0.25)
+    plain = baseline_masks(_model("llama"), spec, kind="l1_rows")
+    wrapped = _model("llama")
+    attach_masks(wrapped, spec)
+    assert all(torch.equal(plain[n], m) for n, m in baseline_masks(wrapped, spec, kind="l1_rows").items())
+    gpt2 = _model("gpt2")  # Conv1D stores (in, out): whole output columns go
+    for name, mask in baseline_masks(gpt2, spec, kind="l1_rows").items():
+        assert bool((mask.all(dim=0) | ~mask.any(dim=0)).all()), name
+        assert int((~mask.all(dim=0)).sum()) == l1_rows_removed(mask.shape[1], 0.25)
+    with pytest.raises(MftBenchError, match="l1_rows.*removed_counts"):
+        baseline_masks(_model("llama"), spec, kind="l1_rows", removed_counts={})
 
 
 # ---------------------------------------------------------------- mask files

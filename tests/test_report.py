@@ -212,12 +212,80 @@ def test_paper_table_across_recipes(run_and_report, written, tmp_path):
     written = paper_table([run_dir, other], tmp_path / "out")
     assert {p.suffix for p in written} == {".md", ".csv", ".tex", ".json"}
     rows = json.loads((tmp_path / "out" / "paper_table.json").read_text())["rows"]
-    assert len(rows) == 12
+    assert len(rows) == 14  # 7 arm columns x 2 runs
     mft = next(r for r in rows if r["recipe"] == "fake" and r["arm"] == "mft" and r["paper_value"] is not None)
     assert mft["paper_value"] == 47.3 and mft["paper_delta_vs_fft"] == pytest.approx(0.4)
     assert mft["delta_vs_fft"] == pytest.approx(100 * 8 / N_GSM8K)
+    assert mft["paper_selection"] == "test-selected" and mft["paper_read_off"] is False
+    # the paper's L1 mask is structured: its number stands under l1_rows, not beside our unstructured magnitude mask
+    by_arm = {r["arm"]: r for r in rows[:7]}  # the first run's block (the other run names no paper)
+    assert by_arm["l1_rows"]["paper_value"] == 31.9 and by_arm["magnitude_mask"]["paper_value"] is None
     markdown = (tmp_path / "out" / "paper_table.md").read_text()
-    assert markdown.count("| paper |") == 1 and "47.3 (+0.4)" in markdown
+    assert markdown.count("| paper (test-selected) |") == 1 and "47.3 (+0.4)" in markdown
+    assert "L1 rows mask" in markdown
+
+
+def test_paper_table_marks_read_off_numbers(tmp_path):
+    run_dir = make_run(tmp_path / "run31", checkpoints=False, paper_key="llama3.1-8b")
+    paper_table([run_dir], tmp_path / "out")
+    rows = json.loads((tmp_path / "out" / "paper_table.json").read_text())["rows"]
+    baseline = next(r for r in rows if r["arm"] == "baseline")
+    assert baseline["paper_value"] == 55.9 and baseline["paper_read_off"] is True
+    markdown = (tmp_path / "out" / "paper_table.md").read_text()
+    assert "≈55.9 (-21.1)" in markdown and "| 77.0 |" in markdown and "paper (test-selected)" in markdown
+    assert "$\\approx$55.9" in (tmp_path / "out" / "paper_table.tex").read_text()
+    run_report = build_report(run_dir)
+    assert run_report["paper"]["selection"] == "test-selected"
+    write_report(run_report, run_dir)
+    assert "≈55.9" in (run_dir / "report.md").read_text() and "checkpoints test-selected" in (
+        run_dir / "report.md").read_text()
+    assert "$\\approx$55.9" in (run_dir / "report.tex").read_text()
+
+
+def test_shipped_paper_files_load_with_their_sources():
+    from mft_bench.report.paper import load_paper_numbers, paper_dir
+
+    shipped = sorted(p.stem for p in paper_dir().glob("*.json"))
+    assert shipped == ["llama2-7b", "llama3.1-8b"]
+    for key in shipped:
+        data = load_paper_numbers(key)
+        assert data["key"] == key and data["selection"] == "test-selected" and data["source"]["commit"]
+        assert set(data["domains"]) == {"math", "coding", "instruction"}
+        for entry in data["domains"].values():
+            assert set(entry["values"]) == {"baseline", "fft", "lora", "random_mask", "l1_rows", "mft"}
+            assert entry["source"]
+        assert data["abstract"]["domain"] == "coding"
+    llama2, llama31 = load_paper_numbers("llama2-7b"), load_paper_numbers("llama3.1-8b")
+    assert llama2["abstract"]["mft_gain_vs_fft"] == 1.95 and llama31["abstract"]["mft_gain_vs_fft"] == 1.88
+    rerun = llama2["domains"]["instruction"]["official_readme"]["benchmarks"]["ifeval"]
+    assert rerun["fft"] == 35.7 and rerun["mft"] == 40.9
+    assert all(entry.get("read_off") == ["baseline"] for entry in llama31["domains"].values())
+    assert {d: e["values"]["mft"] for d, e in llama31["domains"].items()} == {
+        "math": 77.3, "coding": 53.7, "instruction": 65.8}
+    notes = " ".join(llama2["notes"]) + " ".join(llama31["notes"])
+    assert "same count" not in notes and "GSM8K 8-shot" in llama2["source"]["evaluation"]
+    assert "never published" in notes
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda d: d.pop("domains"), "non-empty 'domains'"),
+    (lambda d: d.update(selection="best"), "selection must be one of last, val, test-selected"),
+    (lambda d: d["domains"]["math"]["values"].update(dpo=1.0), r"domains\.math\.values: unknown arm\(s\) dpo"),
+    (lambda d: d["domains"]["math"]["values"].update(fft="46.9"), r"domains\.math\.values\.fft must be a number"),
+    (lambda d: d["domains"]["math"].update(read_off=["dpo"]), r"domains\.math\.read_off must list arms"),
+    (lambda d: d["domains"]["instruction"]["official_readme"].pop("benchmarks"), "needs a 'benchmarks' mapping"),
+    (lambda d: d.update(notes="one"), "notes must be a list of strings"),
+    (lambda d: d["abstract"].update(mft_gain_vs_fft=None), r"abstract\.mft_gain_vs_fft must be a number"),
+])
+def test_malformed_paper_file_is_a_one_line_error(tmp_path, change, message):
+    from mft_bench.report.paper import load_paper_numbers, paper_dir
+
+    data = json.loads((paper_dir() / "llama2-7b.json").read_text())
+    change(data)
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(MftBenchError, match=message) as error:
+        load_paper_numbers("bad", tmp_path)
+    assert "\n" not in str(error.value) and "bad.json" in str(error.value)
 
 
 def test_missing_run_json_is_a_user_error(tmp_path):
@@ -278,3 +346,18 @@ def test_plots_redrawn_only_when_what_they_show_changes(run_and_report, written,
     write_report(changed, run_dir)
     assert drawn == [1, 1]  # different content: redrawn
     write_report(report, run_dir)  # leave the fixture's run folder as it was
+
+
+def test_report_markdown_says_what_each_metric_is():
+    from mft_bench.report.tables import metric_note_lines
+
+    rows = [{"benchmark": b, "metric": m} for b, m in [("gsm8k", "exact_match_flexible"),
+                                                       ("gsm8k", "exact_match_strict"),
+                                                       ("lm_eval:gsm8k_local", "exact_match,strict-match")]]
+    lines = metric_note_lines({"rows": rows})
+    assert lines[:2] == ["", "Metrics (README, 'Metrics'):"]
+    assert any(line.startswith("- gsm8k:exact_match_strict:") and "not lm-eval's strict-match" in line
+               for line in lines)
+    assert any(line.startswith("- gsm8k:exact_match_flexible:") and "OLMES" in line for line in lines)
+    assert not any("lm_eval:" in line for line in lines)  # lm-eval's metrics are lm-eval's own
+    assert metric_note_lines({"rows": [{"benchmark": "humaneval", "metric": "pass@1"}]}) == []

@@ -280,22 +280,35 @@ def test_sigkill_then_rerun_matches_uninterrupted(tiny, echo, tmp_path):
 def test_lm_eval_benchmark_is_delegated(tmp_path, monkeypatch):
     calls = []
 
-    def run_lm_eval_task(model, tokenizer, task, out_dir, *, limit, batch_size, num_fewshot, include_path, seed,
-                         **extra):
-        calls.append(dict(task=task, limit=limit, batch_size=batch_size, num_fewshot=num_fewshot, seed=seed, **extra))
+    from mft_bench.evaluation import lm_eval_task
+
+    def run_lm_eval_task(model, tokenizer, task, out_dir, *, limit, batch_size, num_fewshot, include_path, **extra):
+        calls.append(dict(task=task, limit=limit, batch_size=batch_size, num_fewshot=num_fewshot, **extra))
         return {"benchmark": f"lm_eval:{task}", "n": 3, "metrics": {"acc": {"mean": 0.5, "stderr": 0.1}}}
 
     fake = types.ModuleType("mft_bench.evaluation.lm_eval_task")
     fake.run_lm_eval_task = run_lm_eval_task
+    fake.resolve_seeds = lm_eval_task.resolve_seeds
     monkeypatch.setitem(sys.modules, "mft_bench.evaluation.lm_eval_task", fake)
     metrics = runner.evaluate("model", "tok", "lm_eval:arc_easy", tmp_path, options={"num_fewshot": 5}, limit=3,
                               batch_size=8, seed=1, data_dir="/mirror")
-    assert calls == [dict(task="arc_easy", limit=3, batch_size=8, num_fewshot=5, seed=1, data_dir="/mirror")]
+    # the recipe seed (1) is not lm-eval's: no seeds are passed, so lm-eval's own defaults apply
+    assert calls == [dict(task="arc_easy", limit=3, batch_size=8, num_fewshot=5, data_dir="/mirror")]
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics and metrics["n"] == 3
     runner.evaluate("model", "tok", "lm_eval:arc_easy", tmp_path)
     assert len(calls) == 1, "finished lm_eval results are reused"
+    runner.evaluate("model", "tok", "lm_eval:arc_easy", tmp_path / "seeded", options={"seeds": {"fewshot": 7}})
+    assert calls[-1]["seeds"] == {"fewshot": 7} and calls[-1]["num_fewshot"] is None
     with pytest.raises(MftBenchError, match="unknown option"):
         runner.evaluate("model", "tok", "lm_eval:arc_easy", tmp_path / "x", options={"shots": 5})
+    bad = [({"seeds": {"few_shot": 1}}, r"options\.seeds: unknown seed\(s\) few_shot; give any of random, numpy"),
+           ({"seeds": {"torch": "1"}}, r"options\.seeds\.torch must be an integer"),
+           ({"seeds": 3}, r"options\.seeds must be a mapping"),
+           ({"num_fewshot": -1}, r"options\.num_fewshot must be a non-negative integer")]
+    for options, message in bad:
+        with pytest.raises(MftBenchError, match=message):
+            runner.evaluate(None, None, "lm_eval:arc_easy", tmp_path / "bad", options=options)
+    assert len(calls) == 2 and not (tmp_path / "bad" / "metrics.json").exists()
 
 
 # -- registry -------------------------------------------------------------------------------------------------

@@ -10,19 +10,26 @@ Protocol (the paper evaluated through AI2 OLMES, ``gsm8k::olmes``, on top of lm-
   OLMES suites set ``use_chat_format`` for ``gsm8k::olmes``, the base-model protocol does not);
 - generation: greedy, at most 512 new tokens, stop at ``"Question:"``, ``"</s>"``, ``"<|im_end|>"``, ``"\\n\\n"``
   (OLMES ``gsm8k`` ``generation_kwargs``);
-- scoring, two extractions, both reported:
-  * ``exact_match_flexible`` (primary): the last number in the output. This is what OLMES's ``exact_match``
-    computes (``GSM8K._extract_answer``: strip commas inside numbers, take the last number), so it is the number
-    comparable to the paper;
-  * ``exact_match_strict``: the number after "the answer is" (the exemplars' answer format; lm-eval
-    ``gsm8k_cot`` ``strict-match`` uses "The answer is (\\-?[0-9\\.\\,]+)."), so a model that stops following
-    the format scores 0 even if the number is right.
+- scoring, two extractions, both reported. Neither is lm-eval's metric of the similar name; compare them only
+  with what is stated here (``tests/test_gsm8k.py`` runs lm-eval's own filters on the same tricky strings):
+
+  * ``exact_match_flexible`` (primary): the last number in the output equals the gold. This is the paper's
+    metric, OLMES's ``exact_match`` for ``gsm8k`` (``GSM8K._extract_answer``: join digit,digit commas, take the
+    last number; then exact match ignoring ``,``, ``$``, a final ``.``), with three deliberate deviations:
+    signs -- OLMES's number pattern signs decimals only, so ``-5`` reads 5 for it (and its gold too); here a minus
+    is kept unless it is a binary operator (``"to -5"`` -> -5, ``"5-3"`` -> 5 and 3); commas -- OLMES joins any
+    digit,digit pair (``"1,23"`` -> 123), here only thousands groups (``"1,234"`` -> 1234, ``"1,23"`` -> 1 and
+    23); numeric equality -- ``"12.0"`` matches gold 12 here, not in OLMES (strings). GSM8K golds are
+    non-negative integers, so the deviations rarely move a score. Not lm-eval's ``flexible-extract`` either
+    (last match of ``(-?[$0-9.,]{2,})|(-?[0-9]+)``: ``"50-8"`` reads -8 there; ``"42.0"`` does not match 42);
+  * ``exact_match_strict``: the number after the *last* "the answer is" (any case, any spacing, an optional
+    ``:`` and ``$``) equals the gold: did the model keep the exemplars' answer format. OLMES reports no strict
+    metric, and this is NOT lm-eval's ``strict-match``: ``gsm8k_cot`` takes the *first* match of
+    ``The answer is (\\-?[0-9\\.\\,]+).`` (capital T, one space, one character must follow the number, so a
+    final ``"The answer is 42"`` reads 4), ``gsm8k`` the first ``#### N``.
 
 Normalisation (deliberate, tested): commas in thousands groups, ``$`` and a sentence-final ``.`` are dropped and
 the number is written in canonical decimal form, so ``"$1,234.50."`` -> ``"1234.5"`` and ``"12.0"`` -> ``"12"``.
-OLMES compares strings, where ``"12.00"`` would not match gold ``"12"``; all GSM8K golds are integers, so the only
-effect is to accept numerically equal spellings. A minus sign counts only when it is not a binary operator
-(``"5-3"`` -> ``5`` and ``3``; ``"to -5"`` -> ``-5``).
 """
 
 from __future__ import annotations
@@ -172,6 +179,12 @@ class GSM8K:
     scorer_version = "1"
     primary_metric = "exact_match_flexible"
     metrics = ("exact_match_strict", "exact_match_flexible")
+    metric_notes = {
+        "exact_match_flexible": "last number = gold: OLMES's gsm8k exact_match (the paper's metric) up to signs, "
+                                "commas and numeric equality; not lm-eval's flexible-extract",
+        "exact_match_strict": "number after the last 'the answer is' (any case) = gold; not lm-eval's strict-match "
+                              "(first 'The answer is N.', exact case)",
+    }
 
     def __init__(self, num_fewshot: int = 8, max_new_tokens: int = 512, data_dir: str | None = None) -> None:
         if not 0 <= num_fewshot <= len(FEWSHOT_EXEMPLARS):

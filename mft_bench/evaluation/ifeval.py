@@ -19,6 +19,16 @@ NLTK: lm-eval's ``instructions_util`` calls ``nltk.download("punkt_tab")`` at im
 that is suppressed here (no network, no spam). ``punkt_tab`` is then needed only by the instructions in
 ``NLTK_INSTRUCTIONS``; when items that use them are requested and it is missing, a ``MftBenchError`` names the fix.
 ``langdetect`` is seeded (``DetectorFactory.seed = 0``) so language checks are deterministic.
+
+Deterministic verdicts: a checker whose kwargs are missing or invalid draws them from Python's global ``random``
+when it is built. In the 541 prompts that happens for ``keywords:letter_frequency`` in keys 1122 and 1129 (their
+"letters" are ``#`` and ``!``, which the checker rejects; it then counts a random ASCII letter instead), so,
+unseeded, their verdicts depend on the process, not on the response. ``check_response`` builds every item's checkers
+under ``random.seed("ifeval/<key>")`` and restores the caller's random state afterwards: the same response gets
+the same verdicts in any process, in any order, under any ``limit``. lm-eval does not seed per item: it seeds
+``random`` once per ``simple_evaluate`` call (``random_seed``, default 0), so its draw for such an item depends
+on every draw before it in that run (the task, ``limit`` and document order). Those two verdicts (of 834
+instructions) can therefore differ from a plain lm-eval run's; they measure no instruction following either way.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ import contextlib
 import io
 import logging
 import math
+import random
 from collections.abc import Iterable, Iterator
 from types import ModuleType
 from typing import Any
@@ -104,18 +115,37 @@ def ensure_nltk_data(instruction_ids: Iterable[str]) -> None:
         raise MftBenchError(NLTK_FIX.format(ids=", ".join(needed)))
 
 
+@contextlib.contextmanager
+def seeded_random(seed: str) -> Iterator[None]:
+    """Within the block the global ``random`` is seeded with ``seed`` (a string: hashed with SHA-512 by
+    ``random.seed``, the same in every process); the caller's state is restored afterwards."""
+    state = random.getstate()
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(state)
+
+
 def check_response(row: dict[str, Any], response: str) -> dict[str, Any]:
-    """Strict and loose verdicts of one response to one IFEval row (``prompt``, ``instruction_id_list``, ``kwargs``)."""
+    """Strict and loose verdicts of one response to one IFEval row (``prompt``, ``instruction_id_list``, ``kwargs``).
+
+    Checkers that draw missing arguments at random draw them from ``random.seed("ifeval/<key>")``, for strict
+    and loose alike (see the module docstring).
+    """
     utils = load_checkers()
+    key = row.get("key", 0)
     example = utils.InputExample(
-        key=row.get("key", 0),
+        key=key,
         instruction_id_list=list(row["instruction_id_list"]),
         prompt=row["prompt"],
         kwargs=list(row["kwargs"]),
     )
     try:
-        strict = utils.test_instruction_following_strict(example, response)
-        loose = utils.test_instruction_following_loose(example, response)
+        with seeded_random(f"ifeval/{key}"):
+            strict = utils.test_instruction_following_strict(example, response)
+        with seeded_random(f"ifeval/{key}"):
+            loose = utils.test_instruction_following_loose(example, response)
     except LookupError as exc:  # an NLTK resource missing despite the pre-check (e.g. another tokenizer model)
         raise MftBenchError(NLTK_FIX.format(ids=", ".join(row["instruction_id_list"])) + f" ({exc!s:.80})") from exc
     return {
@@ -144,7 +174,7 @@ class IFEval:
 
     name = "ifeval"
     prompt_version = "1"
-    scorer_version = "1"
+    scorer_version = "2"
     primary_metric = "inst_level_loose_acc"
 
     def __init__(self, max_new_tokens: int = 1280, data_dir: str | None = None) -> None:

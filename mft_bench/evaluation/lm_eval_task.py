@@ -13,6 +13,12 @@ filters and metrics). They are materialised with the placeholders filled in into
 run; a YAML needing the data directory is left out when none is set. lm-eval's ~15k built-in tasks are indexed
 only when the task is not found among ours and ``include_path`` (indexing them takes ~15 s).
 
+Seeds and shots, as a plain lm-eval run: lm-eval's own defaults (``lm_eval.defaults``: Python ``random`` 0, numpy
+1234, torch 1234, few-shot sampler 1234), not the recipe seed, so a task that samples its few-shot examples
+shows the model the same prompts as ``lm_eval --tasks <task>`` would; ``num_fewshot`` is the task's own unless
+given. A recipe overrides either through the benchmark options (``seeds: {fewshot: 7}``, ``num_fewshot: 5``);
+the seeds used are recorded in metrics.json.
+
 A task whose dataset lives on the hub fails with a ``MftBenchError`` when it cannot be loaded (set
 ``HF_HUB_OFFLINE=1``/``HF_DATASETS_OFFLINE=1`` offline so that ``datasets`` fails at once instead of retrying).
 """
@@ -41,6 +47,32 @@ CUSTOM_TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
 DATA_PLACEHOLDER = "${MFT_BENCH_DATA_DIR}"
 LM_EVAL_PLACEHOLDER = "${LM_EVAL_TASKS_DIR}"
 _RESULT_SKIP = {"alias", "name", "sample_len", " "}
+SEED_NAMES = ("random", "numpy", "torch", "fewshot")  # simple_evaluate's random_seed, numpy_random_seed, ...
+
+
+def default_seeds() -> dict[str, int]:
+    """lm-eval's own seeds, as ``simple_evaluate`` and the ``lm_eval`` CLI use them when none are given."""
+    from lm_eval.defaults import DEFAULT_OTHER_SEED, DEFAULT_RANDOM_SEED
+
+    return {"random": DEFAULT_RANDOM_SEED, "numpy": DEFAULT_OTHER_SEED, "torch": DEFAULT_OTHER_SEED,
+            "fewshot": DEFAULT_OTHER_SEED}
+
+
+def resolve_seeds(overrides: Any = None, *, where: str = "options.seeds") -> dict[str, int]:
+    """lm-eval's default seeds with ``overrides`` (a mapping of some of ``SEED_NAMES`` to integers) applied."""
+    seeds = default_seeds()
+    if overrides is None:
+        return seeds
+    if not isinstance(overrides, dict):
+        raise MftBenchError(f"{where} must be a mapping like {{fewshot: 1234}}, got {overrides!r}")
+    unknown = sorted(str(k) for k in overrides if k not in SEED_NAMES)
+    if unknown:
+        raise MftBenchError(f"{where}: unknown seed(s) {', '.join(unknown)}; give any of {', '.join(SEED_NAMES)}")
+    for name, value in overrides.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise MftBenchError(f"{where}.{name} must be an integer, got {value!r}")
+        seeds[name] = value
+    return seeds
 
 
 def lm_eval_tasks_dir() -> Path:
@@ -109,20 +141,23 @@ def run_lm_eval_task(
     batch_size: int = 8,
     num_fewshot: int | None = None,
     include_path: str | None = None,
-    seed: int = 0,
+    seeds: dict[str, int] | None = None,
     data_dir: str | None = None,
     gen_kwargs: dict[str, Any] | None = None,
     bootstrap_iters: int = 100000,
 ) -> dict[str, Any]:
     """Run lm-eval ``task`` on the in-memory ``model``; write ``records.jsonl`` + ``metrics.json``; return metrics.
 
-    ``data_dir``: the offline data directory for the shipped task YAMLs (default ``$MFT_BENCH_DATA_DIR``);
-    ``gen_kwargs``: overrides of the task's generation settings (e.g. ``{"max_gen_toks": 512}``), recorded in
-    metrics.json; ``bootstrap_iters``: lm-eval's bootstrap count for stderrs of non-mean aggregations.
+    ``num_fewshot``: None keeps the task's own; ``seeds``: overrides of lm-eval's default seeds (see
+    ``resolve_seeds``); ``data_dir``: the offline data directory for the shipped task YAMLs (default
+    ``$MFT_BENCH_DATA_DIR``); ``gen_kwargs``: overrides of the task's generation settings (e.g.
+    ``{"max_gen_toks": 512}``), recorded in metrics.json; ``bootstrap_iters``: lm-eval's bootstrap count for
+    stderrs of non-mean aggregations.
     """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
+    used_seeds = resolve_seeds(seeds)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     was_training = getattr(model, "training", False)
@@ -143,10 +178,10 @@ def run_lm_eval_task(
                     task_manager=manager,
                     log_samples=True,
                     bootstrap_iters=bootstrap_iters,
-                    random_seed=seed,
-                    numpy_random_seed=seed,
-                    torch_random_seed=seed,
-                    fewshot_random_seed=seed,
+                    random_seed=used_seeds["random"],
+                    numpy_random_seed=used_seeds["numpy"],
+                    torch_random_seed=used_seeds["torch"],
+                    fewshot_random_seed=used_seeds["fewshot"],
                 )
         except MftBenchError:
             raise
@@ -162,6 +197,7 @@ def run_lm_eval_task(
     records = samples_to_records(results.get("samples", {}))
     metrics = results_to_metrics(task, results, records, limit=limit, num_fewshot=num_fewshot)
     metrics["gen_kwargs"] = gen_kwargs
+    metrics["seeds"] = used_seeds
     write_text_atomic(out_dir / "records.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
     return metrics

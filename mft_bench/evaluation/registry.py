@@ -15,6 +15,7 @@ from mft_bench.errors import MftBenchError
 from mft_bench.evaluation.base import Benchmark
 
 LM_EVAL_PREFIX = "lm_eval:"
+LM_EVAL_RUN_VERSION = "2"  # how we call lm-eval (seeds, options); in the stage key, so a change reruns cached tasks
 
 # name -> (module under mft_bench.evaluation, class name, fixed constructor options)
 _SPECS: dict[str, tuple[str, str, dict[str, Any]]] = {
@@ -78,12 +79,23 @@ def make_benchmark(name: str, options: dict[str, Any] | None = None, data_dir: s
 
 def benchmark_versions(name: str) -> str:
     """``"<prompt>/<scorer>"`` versions of a benchmark (class attributes: nothing is loaded); for
-    ``lm_eval:<task>``, the lm-eval version (task versions are recorded in its metrics)."""
+    ``lm_eval:<task>``, the lm-eval version and ``LM_EVAL_RUN_VERSION`` (task versions are recorded in its
+    metrics)."""
     validate_benchmark_name(name)
     if is_lm_eval(name):
         from importlib.metadata import version
 
-        return f"lm-eval {version('lm_eval')}"
+        return f"lm-eval {version('lm_eval')}/{LM_EVAL_RUN_VERSION}"
     module_name, class_name, _ = _SPECS[name]
     cls = getattr(importlib.import_module(f"mft_bench.evaluation.{module_name}"), class_name)
     return f"{cls.prompt_version}/{cls.scorer_version}"
+
+
+def metric_notes(name: str) -> dict[str, str]:
+    """Metric -> one line on what it equals (and which similarly named metric it is not), for the reports;
+    empty for benchmarks without notes and for ``lm_eval:<task>`` (its metric names are lm-eval's own)."""
+    if is_lm_eval(name) or name not in _SPECS:
+        return {}
+    module_name, class_name, _ = _SPECS[name]
+    cls = getattr(importlib.import_module(f"mft_bench.evaluation.{module_name}"), class_name)
+    return dict(getattr(cls, "metric_notes", {}))

@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 RECORDS_FILE = "records.jsonl"
 METRICS_FILE = "metrics.json"
 CHUNK_BATCHES = 4  # a backend without generate_stream gets this many batches of items per generate call
-LM_EVAL_OPTIONS = ("num_fewshot", "include_path", "gen_kwargs", "bootstrap_iters")
+LM_EVAL_OPTIONS = ("num_fewshot", "seeds", "include_path", "gen_kwargs", "bootstrap_iters")
 
 
 # -- small pure helpers ---------------------------------------------------------------------------------------
@@ -201,8 +201,7 @@ def evaluate(
     torch.manual_seed(seed)
     if is_lm_eval(benchmark):
         return _evaluate_lm_eval(model, tokenizer, benchmark, out_dir, options=options, limit=limit,
-                                 batch_size=batch_size, model_path=model_path, seed=seed, data_dir=data_dir,
-                                 dtype=dtype)
+                                 batch_size=batch_size, model_path=model_path, data_dir=data_dir, dtype=dtype)
 
     bench = make_benchmark(benchmark, options, data_dir)
     items = bench.items(limit)
@@ -288,28 +287,38 @@ def _evaluate_lm_eval(
     limit: int | None,
     batch_size: int,
     model_path: str | None,
-    seed: int,
     data_dir: str | None,
     dtype: str | None = None,
 ) -> dict[str, Any]:
-    """``lm_eval:<task>``: lm-eval runs the whole loop; its metrics dict is written as metrics.json (last)."""
+    """``lm_eval:<task>``: lm-eval runs the whole loop; its metrics dict is written as metrics.json (last).
+
+    Seeds are lm-eval's own unless ``options["seeds"]`` overrides some; the recipe seed is not used: passed as
+    lm-eval's few-shot seed it would show the model other few-shot examples than a plain lm-eval run does.
+    """
     options = dict(options or {})
     unknown = sorted(set(options) - set(LM_EVAL_OPTIONS))
     if unknown:
         raise MftBenchError(
             f"benchmark '{benchmark}': unknown option(s) {', '.join(unknown)}; lm_eval tasks take {', '.join(LM_EVAL_OPTIONS)}"
         )
+    shots = options.get("num_fewshot")
+    if shots is not None and (isinstance(shots, bool) or not isinstance(shots, int) or shots < 0):
+        raise MftBenchError(
+            f"benchmark '{benchmark}': options.num_fewshot must be a non-negative integer, got {shots!r}"
+        )
+    from mft_bench.evaluation.lm_eval_task import resolve_seeds, run_lm_eval_task
+
+    resolve_seeds(options.get("seeds"), where=f"benchmark '{benchmark}': options.seeds")  # fail before loading
     if model is None:
         model, tokenizer = _load(model_path, tokenizer, dtype)
-    from mft_bench.evaluation.lm_eval_task import run_lm_eval_task
 
     # Options are passed only when given, so lm_eval_task's own defaults (e.g. bootstrap_iters) apply otherwise.
-    extra = {key: options[key] for key in ("gen_kwargs", "bootstrap_iters") if key in options}
+    extra = {key: options[key] for key in ("gen_kwargs", "bootstrap_iters", "seeds") if key in options}
     if data_dir is not None:
         extra["data_dir"] = data_dir
     result = run_lm_eval_task(
         model, tokenizer, lm_eval_task(benchmark), out_dir, limit=limit, batch_size=batch_size,
-        num_fewshot=options.get("num_fewshot"), include_path=options.get("include_path"), seed=seed, **extra,
+        num_fewshot=shots, include_path=options.get("include_path"), **extra,
     )
     metrics_path = out_dir / METRICS_FILE
     if metrics_path.exists():  # the task module wrote it itself: never overwrite

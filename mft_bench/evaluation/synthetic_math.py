@@ -6,7 +6,8 @@ worked ``answer`` ending ``"#### N"``). Each question is sent zero-shot as a use
 extractor against the number after ``####`` in the reference:
 
 - ``exact_match_flexible`` (primary, as for GSM8K): the last number in the output;
-- ``exact_match_strict``: the number after ``####`` in the output (the training format).
+- ``exact_match_strict``: the number after the last ``####`` in the output (the training format; any spacing, an
+  optional ``$``). Not lm-eval ``gsm8k``'s ``strict-match``, which takes the first ``#### N`` (one space).
 """
 
 from __future__ import annotations
@@ -41,6 +42,11 @@ class SyntheticMath:
     scorer_version = "1"
     primary_metric = "exact_match_flexible"
     metrics = ("exact_match_strict", "exact_match_flexible")
+    metric_notes = {
+        "exact_match_flexible": "last number = gold (as gsm8k's)",
+        "exact_match_strict": "number after the last '####' (the training format) = gold; not lm-eval's "
+                              "strict-match (first '#### N')",
+    }
 
     def __init__(
         self, n: int = 500, seed: int = 0, max_new_tokens: int = 512, split: str = "test", data_dir: str | None = None

@@ -263,7 +263,7 @@ def build_report(run_dir: Path, *, confidence: float = 0.95, n_bootstrap: int = 
         else:
             domain = (paper.get("domains") or {}).get(run.domain or "")
             report["paper"] = {"key": run.paper_key, "model": paper.get("model"), "source": paper.get("source"),
-                               "domain": run.domain, "entry": domain}
+                               "selection": paper.get("selection"), "domain": run.domain, "entry": domain}
     return report
 
 

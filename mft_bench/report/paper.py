@@ -1,14 +1,19 @@
 """The paper's numbers (``results/paper/<key>.json``) and the paper-shaped table across recipes.
 
 Paper-shaped table: one block per run (domain x backbone x recipe) with our row and, where the run names
-a ``paper_key``, the paper's row beneath; columns are the six arms (pretrained, FFT, LoRA, random mask,
-magnitude mask, MFT) on the domain's headline benchmark (primary metric), each with its delta vs FFT.
+a ``paper_key``, the paper's row beneath, labelled with the paper's checkpoint selection; columns are the arms
+(pretrained, FFT, LoRA, random mask, magnitude mask, L1 rows mask, MFT) on the domain's headline benchmark
+(primary metric), each with its delta vs FFT; a paper value read off a plot rather than printed shows as ``≈``.
+
+A paper file (format: ``results/paper/README.md``) is validated when loaded; a malformed one is a
+``MftBenchError`` naming the field.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +24,14 @@ from mft_bench.report.collect import atomic_write_text, dumps_json, read_json
 
 log = logging.getLogger(__name__)
 
-PAPER_ARMS = ("baseline", "fft", "lora", "random_mask", "magnitude_mask", "mft")
+PAPER_ARMS = ("baseline", "fft", "lora", "random_mask", "magnitude_mask", "l1_rows", "mft")
 ARM_LABELS = {
-    "baseline": "Pretrained", "fft": "FFT", "lora": "LoRA",
-    "random_mask": "Random mask", "magnitude_mask": "Magnitude mask", "mft": "MFT",
+    "baseline": "Pretrained", "fft": "FFT", "lora": "LoRA", "random_mask": "Random mask",
+    "magnitude_mask": "Magnitude mask", "l1_rows": "L1 rows mask", "mft": "MFT",
 }
 DOMAIN_BENCHMARKS = {"math": "gsm8k", "coding": "humaneval", "instruction": "ifeval"}
+SELECTIONS = ("last", "val", "test-selected")  # how a number's checkpoint was chosen
+READ_OFF_MARK = "≈"
 
 
 def paper_dir() -> Path:
@@ -38,9 +45,57 @@ def load_paper_numbers(key: str, directory: Path | None = None) -> dict[str, Any
     if not path.is_file():
         return None
     data = read_json(path, "paper numbers")
-    if not isinstance(data, dict) or not isinstance(data.get("domains"), dict):
-        raise MftBenchError(f"{path}: paper numbers need a 'domains' mapping")
+    validate_paper_numbers(data, str(path))
     return data
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_values(values: Any, at: str) -> None:
+    if not isinstance(values, dict) or not values:
+        raise MftBenchError(f"{at} must map arms to numbers (percent)")
+    unknown = sorted(set(values) - set(PAPER_ARMS))
+    if unknown:
+        raise MftBenchError(f"{at}: unknown arm(s) {', '.join(unknown)}; known: {', '.join(PAPER_ARMS)}")
+    for arm, value in values.items():
+        if not _is_number(value):
+            raise MftBenchError(f"{at}.{arm} must be a number (percent), got {value!r}")
+
+
+def validate_paper_numbers(data: Any, where: str) -> None:
+    """``MftBenchError`` naming the first malformed field of a paper file (format: results/paper/README.md)."""
+    if not isinstance(data, dict) or not isinstance(data.get("domains"), dict) or not data["domains"]:
+        raise MftBenchError(f"{where}: paper numbers need a non-empty 'domains' mapping")
+    if data.get("selection") is not None and data["selection"] not in SELECTIONS:
+        raise MftBenchError(f"{where}: selection must be one of {', '.join(SELECTIONS)}, got {data['selection']!r}")
+    notes = data.get("notes", [])
+    if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
+        raise MftBenchError(f"{where}: notes must be a list of strings")
+    for domain, entry in data["domains"].items():
+        at = f"{where}: domains.{domain}"
+        if not isinstance(entry, dict):
+            raise MftBenchError(f"{at} must be a mapping with 'benchmark' and 'values'")
+        _check_values(entry.get("values"), f"{at}.values")
+        read_off = entry.get("read_off", [])
+        if not isinstance(read_off, list) or not set(read_off) <= set(entry["values"]):
+            raise MftBenchError(f"{at}.read_off must list arms that have values, got {read_off!r}")
+        readme = entry.get("official_readme")
+        if readme is not None:
+            benchmarks = readme.get("benchmarks") if isinstance(readme, dict) else None
+            if not isinstance(benchmarks, dict) or not benchmarks:
+                raise MftBenchError(f"{at}.official_readme needs a 'benchmarks' mapping of benchmark -> arm values")
+            for name, values in benchmarks.items():
+                _check_values(values, f"{at}.official_readme.benchmarks.{name}")
+    abstract = data.get("abstract")
+    if abstract is not None and not (isinstance(abstract, dict) and _is_number(abstract.get("mft_gain_vs_fft"))):
+        raise MftBenchError(f"{where}: abstract.mft_gain_vs_fft must be a number (points)")
+
+
+def paper_read_off(paper_entry: dict[str, Any] | None, arm: str) -> bool:
+    """Whether the paper's number for ``arm`` was read off a plot (approximate) rather than printed."""
+    return bool(paper_entry) and arm.removesuffix("@val") in (paper_entry.get("read_off") or [])
 
 
 def paper_value(paper_entry: dict[str, Any] | None, arm: str) -> float | None:
@@ -73,6 +128,7 @@ def paper_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     deltas = {c["arm_a"]: c for c in report["comparisons"]
               if c["arm_b"] == "fft" and c["benchmark"] == benchmark and c["metric"] == metric}
     entry = (report.get("paper") or {}).get("entry")
+    selection = (report.get("paper") or {}).get("selection")
     paper_fft = paper_value(entry, "fft")
     out = []
     for arm in PAPER_ARMS:
@@ -92,6 +148,8 @@ def paper_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             "delta_p_value": delta["p_value"] if delta else None,
             "paper_value": paper,
             "paper_delta_vs_fft": (paper - paper_fft) if paper is not None and paper_fft is not None else None,
+            "paper_read_off": paper_read_off(entry, arm) if paper is not None else None,
+            "paper_selection": selection if paper is not None else None,
         })
     return out
 
@@ -118,17 +176,20 @@ def _load_report(run_dir: Path) -> dict[str, Any]:
     return build_report(Path(run_dir))
 
 
-def _blocks(frame: pd.DataFrame) -> list[tuple[list[str], list[str] | None]]:
-    """Per run: (our cells, the paper's cells or None) in PAPER_ARMS order."""
+def _paper_cell(row: Any) -> str:
+    cell = _cell(row.paper_value, row.paper_delta_vs_fft, False, row.arm, mark="")
+    return READ_OFF_MARK + cell if _present(row.paper_read_off) and bool(row.paper_read_off) else cell
+
+
+def _blocks(frame: pd.DataFrame) -> list[tuple[list[str], list[str] | None, str]]:
+    """Per run: (our cells, the paper's cells or None, the paper row's label) in PAPER_ARMS order."""
     blocks = []
     for _, group in frame.groupby(["domain", "backbone", "recipe"], sort=False, dropna=False):
         ours = [_cell(r.value, r.delta_vs_fft, r.delta_significant, r.arm, mark="†") for r in group.itertuples()]
-        if group["paper_value"].notna().any():
-            paper = [_cell(r.paper_value, r.paper_delta_vs_fft, False, r.arm, mark="")
-                     for r in group.itertuples()]
-        else:
-            paper = None
-        blocks.append((ours, paper))
+        paper = [_paper_cell(r) for r in group.itertuples()] if group["paper_value"].notna().any() else None
+        selections = group["paper_selection"].dropna().unique()
+        label = f"paper ({selections[0]})" if len(selections) else "paper"
+        blocks.append((ours, paper, label))
     return blocks
 
 
@@ -139,19 +200,21 @@ def render_paper_markdown(frame: pd.DataFrame) -> str:
         "",
         "Primary metric of each domain's headline benchmark, percent; (Δ vs FFT); † paired test significant "
         "at 5% (McNemar exact for 0/1 scores, paired bootstrap otherwise). Paper rows: numbers the paper "
-        "reports (results/paper/), not comparable in backbone size unless the backbone matches.",
+        "reports (results/paper/), not comparable in backbone size unless the backbone matches; in brackets "
+        "how the paper chose each arm's checkpoint (test-selected: best on the test benchmark itself); "
+        f"{READ_OFF_MARK} read off the paper's plot.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---"] * len(header)) + "|",
     ]
     groups = list(frame.groupby(["domain", "backbone", "recipe"], sort=False, dropna=False))
-    for (key, group), (ours, paper) in zip(groups, _blocks(frame)):
+    for (key, group), (ours, paper, paper_label) in zip(groups, _blocks(frame)):
         domain, backbone, recipe = key
         first = group.iloc[0]
         label = f"{first['benchmark']}:{first['metric']}"
         lines.append("| " + " | ".join([str(domain or "—"), label, f"ours ({recipe}, {backbone})", *ours]) + " |")
         if paper is not None:
-            lines.append("| " + " | ".join(["", "", "paper", *paper]) + " |")
+            lines.append("| " + " | ".join(["", "", paper_label, *paper]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -167,14 +230,15 @@ def render_paper_latex(frame: pd.DataFrame) -> str:
         "\\midrule",
     ]
     groups = list(frame.groupby(["domain", "backbone", "recipe"], sort=False, dropna=False))
-    for (key, group), (ours, paper) in zip(groups, _blocks(frame)):
+    for (key, group), (ours, paper, paper_label) in zip(groups, _blocks(frame)):
         domain, _, recipe = key
         first = group.iloc[0]
         cells = [latex_escape(c).replace("†", "$^\\dagger$") for c in ours]
         lines.append(" & ".join([latex_escape(str(domain or "--")), latex_escape(str(first["benchmark"])),
                                  latex_escape(f"ours ({recipe})"), *cells]) + " \\\\")
         if paper is not None:
-            lines.append(" & ".join(["", "", "paper", *[latex_escape(c) for c in paper]]) + " \\\\")
+            lines.append(" & ".join(["", "", latex_escape(paper_label),
+                                     *[latex_escape(c).replace(READ_OFF_MARK, "$\\approx$") for c in paper]]) + " \\\\")
     lines += ["\\bottomrule", "\\end{tabular}"]
     return "\n".join(lines) + "\n"
 

@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 
 from mft_bench.report.collect import VAL_SUFFIX, atomic_write_text
-from mft_bench.report.paper import paper_value
+from mft_bench.report.paper import READ_OFF_MARK, paper_read_off, paper_value
 
 MARK = "†"
 _LATEX_SPECIAL = {
@@ -110,7 +110,8 @@ def wide_cells(report: dict[str, Any], *, minus: str = "−") -> tuple[list[str]
             line.append(cell)
             if (benchmark, metric) == paper_at:
                 value = paper_value(entry, arm)
-                line.append("—" if value is None else f"{value:.1f}")
+                mark = READ_OFF_MARK if paper_read_off(entry, arm) else ""
+                line.append("—" if value is None else f"{mark}{value:.1f}")
         body.append(line)
     return header, body
 
@@ -168,6 +169,19 @@ def resolution_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def metric_note_lines(report: dict[str, Any]) -> list[str]:
+    """What each shown metric equals, where its benchmark says (so that no column is read as another tool's
+    metric of a similar name); [] when none does."""
+    from mft_bench.evaluation.registry import metric_notes
+
+    notes = []
+    for benchmark, metric in _columns(report):
+        note = metric_notes(benchmark).get(metric)
+        if note:
+            notes.append(f"- {benchmark}:{metric}: {note}")
+    return ["", "Metrics (README, 'Metrics'):", *notes] if notes else []
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     header, body = wide_cells(report)
     settings = report.get("settings") or {}
@@ -190,8 +204,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     paper = report.get("paper") or {}
     if paper.get("entry"):
         source = paper.get("source") or {}
-        lines += ["", f"Paper numbers ({paper.get('model')}, {paper['entry'].get('measure', '')}): "
+        selection = f"; checkpoints {paper['selection']}" if paper.get("selection") else ""
+        lines += ["", f"Paper numbers ({paper.get('model')}, {paper['entry'].get('measure', '')}{selection}): "
                   f"{source.get('figure') or source.get('paper') or ''} — {source.get('repository') or ''}"]
+    lines += metric_note_lines(report)
     lines += ["", "## Resolution", "", *resolution_lines(report)]
     method = [c for c in report["comparisons"] if c["arm_a"].split("@")[0] == "mft"]
     primary = {b: info["primary_metric"] for b, info in (report.get("benchmarks") or {}).items()}
@@ -226,7 +242,8 @@ def render_latex(report: dict[str, Any]) -> str:
         "\\midrule",
     ]
     for line in body:
-        cells = [latex_escape(cell).replace(MARK, "$^\\dagger$") for cell in line]
+        cells = [latex_escape(cell).replace(MARK, "$^\\dagger$").replace(READ_OFF_MARK, "$\\approx$")
+                 for cell in line]
         lines.append(" & ".join(cells) + " \\\\")
     lines += ["\\bottomrule", "\\end{tabular}"]
     return "\n".join(lines) + "\n"
