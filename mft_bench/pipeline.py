@@ -340,33 +340,63 @@ def _arm_model(stage: Stage, stages: dict[str, Stage], models: ModelCache):
 
 def run_eval_stage(recipe: Recipe, stage: Stage, stages: dict[str, Stage], models: ModelCache,
                    procs: RunProcesses) -> dict[str, Any]:
-    """Evaluate one arm on one benchmark on this process's device; a cached model goes back to the CPU after."""
+    """Evaluate one arm on one benchmark on this process's device: in this process (a cached model goes back to
+    the CPU after), or in a fresh one on the model's folder (``evaluation.in_fresh_process``)."""
     from mft_bench.evaluation.runner import evaluate
 
     bench = next(b for b in recipe.evaluation.benchmarks if b.name == stage.benchmark)
     options = stage.key["benchmark"]["options"]
-    backend = recipe.evaluation.backend
-    cached = False
-    if backend == "vllm" and stage.checkpoint == "last":  # the engine loads the exported folder itself
-        model = None
-        folder = stages[stage.arm].folder / "model" if stage.arm != "baseline" else Path(recipe.backbone.name)
+    common = dict(options=options, limit=bench.limit, backend=recipe.evaluation.backend,
+                  batch_size=recipe.evaluation.batch_size, data_dir=recipe.data.data_dir, seed=recipe.seed,
+                  dtype=recipe.backbone.dtype)
+    if recipe.evaluation.in_fresh_process:
+        from mft_bench.evaluation.worker import EvaluationJob, evaluate_in_subprocess
+
+        folder = _evaluation_folder(recipe, stage, stages, models)
+        device = {"CUDA_VISIBLE_DEVICES": str(procs.local_rank)} if procs.device().type == "cuda" else {}
+        metrics = evaluate_in_subprocess(
+            EvaluationJob(model_path=str(folder), benchmark=bench.name, out_dir=str(stage.folder), **common),
+            env=device)
     else:
         model, folder, cached = _arm_model(stage, stages, models)
         model = model.to(procs.device())
-        if backend == "vllm" and folder is None:  # an in-memory MFT checkpoint: export it for the engine
-            folder = stage.folder / "model"
-            if not folder.is_dir():
-                _save_model_atomic(model, models.tokenizer(), folder)
-    try:
-        metrics = evaluate(model, models.tokenizer(), bench.name, stage.folder, options=options, limit=bench.limit,
-                           backend=backend, batch_size=recipe.evaluation.batch_size, data_dir=recipe.data.data_dir,
-                           model_path=str(folder) if folder else None, seed=recipe.seed)
-    finally:
-        if cached and model is not None:
-            model.to("cpu")
-        del model
-        _release_memory()
+        try:
+            metrics = evaluate(model, models.tokenizer(), bench.name, stage.folder,
+                               model_path=str(folder) if folder else None, **common)
+        finally:
+            if cached:
+                model.to("cpu")
+            del model
+            _release_memory()
     return {"metrics": "metrics.json", "records": "records.jsonl", "summary": metrics.get("metrics", {})}
+
+
+def _evaluation_folder(recipe: Recipe, stage: Stage, stages: dict[str, Stage], models: ModelCache) -> Path:
+    """A model folder (or hub id) an engine in another process can load for the stage's arm and checkpoint: the
+    arm's saved folder, the backbone's own folder or hub id, else a dense export written into the stage folder
+    (GGUF, in-process tiny models, intermediate MFT masks)."""
+    if stage.checkpoint == "last" and stage.arm != "baseline":
+        return stages[stage.arm].folder / "model"
+    if stage.arm == "baseline" and _loadable_by_name(recipe.backbone):
+        return Path(recipe.backbone.name)
+    if stage.checkpoint != "last" and stage.arm != "mft":
+        return _checkpoint_path(stages[stage.arm], int(stage.checkpoint.removeprefix("step-")))
+    folder = stage.folder / "model"
+    if not (folder / "config.json").is_file():
+        model, _, _ = _arm_model(stage, stages, models)
+        _save_model_atomic(model, models.tokenizer(), folder)
+    return folder
+
+
+def _loadable_by_name(backbone) -> bool:
+    """Whether another process loads the backbone from its name alone: a hub id or a plain HF folder (not the
+    embedded GGUF, a ``gguf_file`` or an in-process ``tiny:`` model)."""
+    from mft_bench.backbone import EMBEDDED_DEFAULT
+
+    if backbone.gguf_file or backbone.name == EMBEDDED_DEFAULT or backbone.name.startswith("tiny:"):
+        return False
+    path = Path(backbone.name)
+    return (path / "config.json").is_file() or not path.exists()
 
 
 # ----------------------------------------------------------------------------- driver

@@ -151,7 +151,14 @@ class EvaluationSpec(_Strict):
     backend: Literal["hf", "vllm"] = "hf"
     batch_size: int = Field(default=32, ge=1)
     checkpoints: Literal["last", "all"] = "last"
+    # each evaluation in a process of its own, on the model's saved folder (default: with vllm, whose engine must
+    # start after training gave the GPU back, and never share a process with another engine)
+    fresh_process: bool | None = None
     benchmarks: list[BenchmarkSpec] = Field(min_length=1)
+
+    @property
+    def in_fresh_process(self) -> bool:
+        return self.backend == "vllm" if self.fresh_process is None else self.fresh_process
 
 
 class Recipe(_Strict):

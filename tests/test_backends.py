@@ -65,6 +65,25 @@ def test_greedy_independent_of_batch_size(models, tokenizer, arch):
     assert all(len(o) == 1 for o in by_size[1])
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_batch_shrinks_to_the_kv_memory_it_has(models, tokenizer, arch):
+    """With room for the caches of 3 rows only, 3 rows decode at a time, and the completions do not change."""
+    from mft_bench.evaluation.backends.kv_budget import KV_SHARE, kv_bytes_per_token
+
+    model = models[arch]
+    requests = [GenerationRequest(p, max_new_tokens=16) for p in prompts()]
+    full = HFBackend(model, tokenizer, batch_size=32, memory_bytes=2**40)
+    expected = full.generate(requests)
+    assert full.peak_rows == len(requests)
+    longest = max(len(full.encode(r)) for r in requests) + 16
+    room = int(3.5 * kv_bytes_per_token(model) * longest / KV_SHARE)
+    small = HFBackend(model, tokenizer, batch_size=32, memory_bytes=room)
+    assert small.generate(requests) == expected
+    assert small.peak_rows == 3
+    tiny = HFBackend(model, tokenizer, batch_size=32, memory_bytes=1)  # not even one: one at a time, no OOM
+    assert tiny.generate(requests[:4]) == expected[:4] and tiny.peak_rows == 1
+
+
 def test_results_in_request_order(models, tokenizer):
     requests = [GenerationRequest(p, max_new_tokens=8) for p in prompts(8)]
     backend = HFBackend(models["llama"], tokenizer, batch_size=3)

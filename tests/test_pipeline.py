@@ -165,6 +165,20 @@ def test_sigkill_then_rerun_gives_identical_results(reference_run, tmp_path, kil
     assert report["rows"] == reference["rows"] and report["comparisons"] == reference["comparisons"]
 
 
+def test_evaluations_in_fresh_processes_write_the_same_records(reference_run, tmp_path):
+    """Each evaluation in a process of its own on the arm's saved folder (how vLLM stages run; the pretrained tiny
+    model is exported for it) gives the records of the in-process evaluation."""
+    recipe, reference_dir = reference_run
+    fresh = yaml.safe_load(recipe.read_text())
+    fresh["evaluation"]["fresh_process"] = True
+    path = tmp_path / "mini.yaml"
+    path.write_text(yaml.safe_dump(fresh))
+    assert main(["run", str(path), "--out", str(tmp_path / "run")]) == 0
+    assert _outputs(tmp_path / "run") == _outputs(reference_dir)
+    (baseline_eval,) = (tmp_path / "run" / "stages").glob("eval-baseline-*")
+    assert (baseline_eval / "model" / "config.json").is_file()
+
+
 def test_intermediate_checkpoints_are_selected_on_validation(tmp_path):
     recipe = {**MINI, "name": "mini-ckpt", "arms": ["baseline", "fft", "mft"]}
     recipe["fft"] = {**MINI["fft"], "save_every": 0.5}

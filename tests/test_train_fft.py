@@ -114,3 +114,27 @@ def test_logits_only_at_labelled_positions_give_the_same_loss_and_gradients(arch
     lora = get_peft_model(model, LoraConfig(r=2, target_modules=["c_attn"] if arch == "gpt2" else ["q_proj"]))
     assert supports_labelled_logits(lora)
     torch.testing.assert_close(lora(**sliced).loss, lora(**inputs).loss)
+
+
+def test_a_finished_arm_holds_no_optimizer_or_wrapped_model(tmp_path):
+    """What training allocated beyond the model (AdamW states, the wrapped model, the accelerator's references)
+    is freed when the arm returns, so the next stage starts with that memory back."""
+    import gc
+    import weakref
+
+    from transformers import TrainerCallback
+
+    held = {}
+
+    class _Watch(TrainerCallback):
+        def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+            held["optimizer"] = weakref.ref(optimizer)
+
+    gc.collect()
+    gc.disable()  # freed when the arm returns, not whenever the cycle collector next runs
+    try:
+        result = _run(tmp_path, callbacks=[_Watch()])
+        assert held["optimizer"]() is None
+    finally:
+        gc.enable()
+    assert result.model is not None and not any(p.grad is not None for p in result.model.parameters())

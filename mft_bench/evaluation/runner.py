@@ -274,6 +274,10 @@ def _load(model_path: str | None, tokenizer: Any, dtype: str | None = None) -> t
     from mft_bench.backbone import load_backbone
 
     model, loaded_tokenizer = load_backbone(model_path, dtype=dtype or "float32")
+    import torch
+
+    if torch.cuda.is_available():  # the GPU this process was given (an evaluation worker sees only its own)
+        model = model.to("cuda")
     return model, tokenizer if tokenizer is not None else loaded_tokenizer
 
 

@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 EXIT_BAD_INPUT = 2
 ERROR_PREFIX = "error: "
 STDERR_TAIL_LINES = 40  # of a crashed worker's stderr, kept for the RuntimeError
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
+                      "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS")
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,8 @@ def evaluate_in_subprocess(job: EvaluationJob | Mapping[str, Any], env: Mapping[
     otherwise."""
     if not isinstance(job, EvaluationJob):
         job = EvaluationJob.from_dict(job)
-    child_env = dict(os.environ)
+    # a lone evaluation: never a member of the launching run's process group (vLLM would try to join it)
+    child_env = {key: value for key, value in os.environ.items() if key not in LAUNCHER_VARIABLES}
     child_env.update(env or {})
     # The worker imports the same mft_bench as this process, not whichever one its path would find first.
     package_root = str(Path(__file__).resolve().parents[2])

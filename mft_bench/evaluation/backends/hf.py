@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from transformers import TopPLogitsWarper
 
 from mft_bench.evaluation.backends import truncate_at_stop
+from mft_bench.evaluation.backends.kv_budget import free_memory_bytes, rows_that_fit
 from mft_bench.evaluation.backends.token_ids import eos_token_ids, prompt_token_ids
 from mft_bench.evaluation.base import GenerationRequest
 
@@ -161,12 +162,15 @@ def gumbel_noise(generators: list[torch.Generator], vocab: int) -> torch.Tensor:
 class HFBackend:
     """Generate with an in-memory transformers causal LM (see module docstring for the design)."""
 
-    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 32, seed: int = 0, max_length: int | None = None):
+    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 32, seed: int = 0, max_length: int | None = None,
+                 memory_bytes: int | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.memory_bytes = memory_bytes  # for the KV cache; None: the device's free memory when a group starts
+        self.peak_rows = 0  # most rows decoded together so far (the KV budget may allow fewer than batch_size)
         self.seed = seed
         self.max_length = max_length
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -360,12 +364,15 @@ class HFBackend:
             return done
 
         staged = None  # prefilled rows waiting for free batch rows: (cache, mask, last, rows, tokens)
-        capacity = min(self.batch_size, len(requests))  # cache rows to allocate (a short call needs fewer)
+        longest = max(len(p) for p in prompts) + max(r.max_new_tokens for r in requests)
+        free_bytes = self.memory_bytes if self.memory_bytes is not None else free_memory_bytes(device)
+        batch_rows = rows_that_fit(self.model, longest, self.batch_size, free_bytes)
+        capacity = min(batch_rows, len(requests))  # cache rows to allocate (a short call needs fewer)
         while True:
-            while (pending or staged is not None) and len(active) < self.batch_size and (cache is None or mergeable):
-                free = self.batch_size - len(active)
+            while (pending or staged is not None) and len(active) < batch_rows and (cache is None or mergeable):
+                free = batch_rows - len(active)
                 if staged is None:  # prefill: a fresh batch what fits, a running one a group ahead
-                    count = min(len(pending), free if cache is None else max(free, min(PREFILL_ROWS, self.batch_size)))
+                    count = min(len(pending), free if cache is None else max(free, min(PREFILL_ROWS, batch_rows)))
                     new_rows = [pending.pop() for _ in range(count)]
                     room = max(requests[r].max_new_tokens for r in active + new_rows)  # columns decoding will add
                     new_cache, new_mask, new_last, logits = self._prefill(
@@ -404,6 +411,7 @@ class HFBackend:
                 finished.clear()
             if not active:
                 return
+            self.peak_rows = max(self.peak_rows, len(active))
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
             last = last + 1
             out = self.model(input_ids=torch.tensor(next_tokens, device=device)[:, None],
