@@ -297,7 +297,7 @@ def run_eval_stage(recipe: Recipe, stage: Stage, stages: dict[str, Stage], model
                 _save_model_atomic(model, models.tokenizer(), folder)
     metrics = evaluate(model, models.tokenizer(), bench.name, stage.folder, options=options, limit=bench.limit,
                        backend=backend, batch_size=recipe.evaluation.batch_size, data_dir=recipe.data.data_dir,
-                       model_path=str(folder) if folder else None, seed=recipe.seed)
+                       model_path=str(folder) if folder else None, seed=recipe.seed, sandbox=recipe.evaluation.sandbox)
     if stage.arm not in ("baseline", "fft"):
         del model
         gc.collect()

@@ -113,6 +113,7 @@ class EvaluationSpec(_Strict):
     batch_size: int = Field(default=32, ge=1)
     checkpoints: Literal["last", "all"] = "last"
     benchmarks: list[BenchmarkSpec] = Field(min_length=1)
+    sandbox: Literal["namespace", "rlimits"] = "namespace"  # weakest code-sandbox isolation accepted
 
 
 class Recipe(_Strict):

@@ -177,10 +177,12 @@ def evaluate(
     data_dir: str | None = None,
     model_path: str | None = None,
     seed: int = 0,
+    sandbox: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` (or the checkpoint at ``model_path``) on ``benchmark``; write and return its metrics.
 
     Resumes an interrupted evaluation in ``out_dir``; returns a finished one's metrics without recomputing.
+    ``sandbox``: the weakest isolation code benchmarks accept (the recipe's ``evaluation.sandbox``).
     """
     out_dir = Path(out_dir)
     metrics_path = out_dir / METRICS_FILE
@@ -197,7 +199,7 @@ def evaluate(
         return _evaluate_lm_eval(model, tokenizer, benchmark, out_dir, options=options, limit=limit,
                                  batch_size=batch_size, model_path=model_path, seed=seed, data_dir=data_dir)
 
-    bench = make_benchmark(benchmark, options, data_dir)
+    bench = make_benchmark(benchmark, options, data_dir, sandbox=sandbox)
     items = bench.items(limit)
     ids = [it.id for it in items]
     if len(set(ids)) != len(ids):
