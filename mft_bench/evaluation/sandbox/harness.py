@@ -74,9 +74,10 @@ ROOT_MOUNTPOINTS = ("/tmp", "/mnt", "/var/tmp")  # any existing folder: the new 
 PACKAGE_FOLDERS = ("site-packages", "dist-packages", "python3*/site-packages", "python3*/dist-packages")
 # Imported before the uid drop at the rlimits level, where the interpreter may live where the sandbox uid
 # cannot read (e.g. under /root).
-PRELOAD = ("abc", "array", "bisect", "cmath", "collections", "contextlib", "copy", "dataclasses", "datetime",
-           "decimal", "enum", "fractions", "functools", "hashlib", "heapq", "itertools", "json", "math",
-           "numbers", "operator", "random", "re", "statistics", "string", "textwrap", "typing", "unicodedata")
+PRELOAD = ("abc", "array", "atexit", "bisect", "cmath", "collections", "contextlib", "copy", "dataclasses",
+           "datetime", "decimal", "enum", "fractions", "functools", "glob", "hashlib", "heapq", "itertools", "json",
+           "math", "numbers", "operator", "random", "re", "shutil", "signal", "socket", "statistics", "string",
+           "struct", "tempfile", "textwrap", "threading", "time", "typing", "unicodedata")
 
 
 # -- system calls ---------------------------------------------------------------------------------------------
