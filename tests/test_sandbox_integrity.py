@@ -106,7 +106,8 @@ def test_killing_the_evaluator_leaves_no_process_and_no_folder(level, levels, tm
     _need(level, levels)
     token = "ek" + secrets.token_hex(5)
     program = _named(token) + "import os, time\nos.setsid()\ntime.sleep(120)\n"
-    code = f"from mft_bench.evaluation import sandbox\nsandbox.run_untrusted({program!r}, timeout=100, isolation={level!r})"
+    code = ("from mft_bench.evaluation import sandbox\n"
+            f"sandbox.run_untrusted({program!r}, timeout=100, isolation={level!r})")
     env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
     evaluator = subprocess.Popen([sys.executable, "-c", code], env=env)
     try:

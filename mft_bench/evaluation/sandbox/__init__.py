@@ -40,7 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from mft_bench.errors import MftBenchError
-from mft_bench.evaluation.sandbox.launch import Job, Limits, SandboxResult, can_switch_uid, launch
+from mft_bench.evaluation.sandbox.launch import Job, Limits, SandboxResult, can_switch_uid, run_job
 
 __all__ = ["ENV_ISOLATION", "ISOLATION_LEVELS", "SANDBOX_SETTINGS", "Job", "SandboxResult", "isolation_level",
            "require_isolation", "run_judged", "run_many", "run_untrusted"]
@@ -77,7 +77,7 @@ def run_judged(
         raise ValueError(f"isolation must be one of {ISOLATION_LEVELS}, got {level!r}")
     limits = Limits(timeout, memory_mb, max_output_bytes, max_file_bytes)
     try:
-        return launch(Job(candidate, judge), level, limits)
+        return run_job(Job(candidate, judge), level, limits)
     except Exception as exc:  # the evaluator must keep going: report, never raise
         logger.exception("sandbox run failed")
         return SandboxResult("error", f"sandbox error: {exc!r}", level, 0.0)
@@ -170,9 +170,12 @@ def _probe() -> tuple[str, str]:
     reasons = []
     for level in ISOLATION_LEVELS[:-1]:
         if level == "namespace" and not can_switch_uid():
-            reasons.append("namespace: needs root")
+            reasons.append("namespace: needs root on the host")
             continue
-        result = launch(probe, level, limits)
+        try:
+            result = run_job(probe, level, limits)
+        except Exception as exc:  # e.g. no interpreter to start: this level does not work here
+            result = SandboxResult("error", f"cannot start the harness: {exc!r}", level, 0.0)
         if result.passed:
             logger.info("sandbox isolation: %s", level)
             return level, ""

@@ -26,24 +26,25 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import glob
-import importlib.util
 import json
 import os
-import platform
 import resource
 import select
 import signal
 import sys
-from typing import Any
+import types
+
+TYPE_CHECKING = False  # typing is not imported at run time: every sandboxed run pays for each import
+if TYPE_CHECKING:
+    from typing import Any
 
 if __package__:
     from mft_bench.evaluation.sandbox import protocol
 else:  # run as a script (python -I -S): the package is not importable, its protocol.py lies next to this file
-    _spec = importlib.util.spec_from_file_location(
-        "protocol", os.path.join(os.path.dirname(os.path.abspath(__file__)), "protocol.py"))
-    protocol = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(protocol)
+    protocol = types.ModuleType("protocol")
+    _path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "protocol.py")
+    with open(_path, encoding="utf-8") as _file:
+        exec(compile(_file.read(), _path, "exec"), protocol.__dict__)
 
 SETUP_FAILED = 97  # exit status when the sandbox itself could not be built
 WORK = "/work"  # the candidate's working folder inside the new root
@@ -71,7 +72,7 @@ X32_SYSCALL_BIT = 0x40000000
 SYSTEM_LIBRARIES = ("/lib", "/lib32", "/lib64", "/libx32", "/usr/lib", "/usr/lib32", "/usr/lib64", "/usr/libx32")
 DEVICES = ("null", "zero", "full", "random", "urandom")
 ROOT_MOUNTPOINTS = ("/tmp", "/mnt", "/var/tmp")  # any existing folder: the new root is mounted over it
-PACKAGE_FOLDERS = ("site-packages", "dist-packages", "python3*/site-packages", "python3*/dist-packages")
+PACKAGE_FOLDERS = ("site-packages", "dist-packages")  # in a bound folder or in its python3* subfolders
 # Imported before the uid drop at the rlimits level, where the interpreter may live where the sandbox uid
 # cannot read (e.g. under /root).
 PRELOAD = ("abc", "array", "atexit", "bisect", "cmath", "collections", "contextlib", "copy", "dataclasses",
@@ -116,7 +117,7 @@ class _SockFprog(ctypes.Structure):
 def forbid_new_processes() -> None:
     """A seccomp filter that refuses fork, vfork and clone (threads too): the process stays alone, so its memory
     limit is the whole tree's and killing it leaves nothing behind. Needs no_new_privs first."""
-    machine = platform.machine()
+    machine = os.uname().machine
     if machine not in NEW_PROCESS_CALLS:
         raise OSError(errno.ENOSYS, f"no seccomp table for {machine}")
     arch, calls = NEW_PROCESS_CALLS[machine]
@@ -198,8 +199,6 @@ def _candidate(settings: dict[str, Any], source: str, requests: int, replies: in
         _stdin_from_devnull()
         os.chdir(settings["workdir"])
         uid, level = settings["candidate_uid"], settings["level"]
-        if level == "rlimits" and uid >= 0:
-            _preload()
         _limits(settings, one_process=uid >= 0)
         if uid >= 0:
             _become(uid)
@@ -223,8 +222,6 @@ def _judge(settings: dict[str, Any], judge: dict[str, Any], requests: int, repli
         _stdin_from_devnull()
         os.chdir("/")
         uid = settings["judge_uid"]
-        if settings["level"] == "rlimits" and uid >= 0:
-            _preload()
         _limits(settings, one_process=uid >= 0)
         if uid >= 0:
             _become(uid)
@@ -304,6 +301,16 @@ def _top_folders(paths: list[str]) -> list[str]:
     return kept
 
 
+def _package_folders(folder: str) -> list[str]:
+    """site-packages / dist-packages in ``folder`` and in its python3* subfolders."""
+    try:
+        versions = [os.path.join(folder, n) for n in os.listdir(folder) if n.startswith("python3")]
+    except OSError:
+        return []
+    return [os.path.join(base, name) for base in [folder, *versions] for name in PACKAGE_FOLDERS
+            if os.path.isdir(os.path.join(base, name))]
+
+
 def build_root(settings: dict[str, Any]) -> None:
     """In a fresh mount namespace: a new root with just the system libraries and the standard library
     (read-only, package folders emptied), /dev's harmless devices and an empty /work; then pivot into it and
@@ -312,8 +319,9 @@ def build_root(settings: dict[str, Any]) -> None:
     links = [p for p in SYSTEM_LIBRARIES if os.path.islink(p)]
     folders = _top_folders([p for p in SYSTEM_LIBRARIES if os.path.isdir(p) and not os.path.islink(p)]
                            + [os.path.realpath(p) for p in sys.path if p and os.path.isdir(p)])
-    hidden = sorted({os.path.realpath(m) for folder in folders for pattern in PACKAGE_FOLDERS
-                     for m in glob.glob(os.path.join(folder, pattern)) if os.path.isdir(m)})
+    if any(f == WORK or f.startswith(WORK + "/") or f == "/dev" or f.startswith("/dev/") for f in folders):
+        raise OSError(errno.EEXIST, f"the standard library lies under {WORK} or /dev, which the sandbox builds itself")
+    hidden = sorted({os.path.realpath(p) for folder in folders for p in _package_folders(folder)})
     # held open: a source may lie under the folder the new root covers
     held = [(path, os.open(path, os.O_PATH | os.O_CLOEXEC)) for path in folders]
     devices = [(name, os.open("/dev/" + name, os.O_PATH | os.O_CLOEXEC)) for name in DEVICES
@@ -336,11 +344,11 @@ def build_root(settings: dict[str, Any]) -> None:
         os.close(fd)
     os.mkdir(root + WORK, 0o700)
     owner = settings["candidate_uid"]
-    options = f"mode=700,size={settings['file_bytes']},nr_inodes=4096"
+    options = f"mode=700,size={max(settings['file_bytes'], 4096)},nr_inodes=4096"  # size=0 would be unlimited
     _mount("tmpfs", root + WORK, "tmpfs", MS_NOSUID | MS_NODEV,
            options + (f",uid={owner},gid={owner}" if owner >= 0 else ""))
     _remount_read_only_under(root, root + WORK)
-    machine = platform.machine()
+    machine = os.uname().machine
     if machine not in SYS_PIVOT_ROOT:
         raise OSError(errno.ENOSYS, f"no pivot_root system call number for {machine}")
     os.chdir(root)
@@ -379,6 +387,8 @@ def _init(settings: dict[str, Any], source: str, supervisor_alive: int) -> int:
 def _supervise(settings: dict[str, Any], source: str, children: list[int]) -> int:
     if settings["level"] == "rlimits":
         _prctl(PR_SET_DUMPABLE, 0)
+        if settings["candidate_uid"] >= 0:  # the sandbox uids may not read the interpreter's folder (e.g. /root)
+            _preload()
         try:
             judge = _start_pair(settings, source, children)
         except BaseException as exc:

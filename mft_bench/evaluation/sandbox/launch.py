@@ -85,7 +85,7 @@ def _own_uids(level: str) -> tuple[int, int]:
     return judge, judge + 1 if judge + 1 < UID_RANGE[1] else judge - 1
 
 
-def launch(job: Job, level: str, limits: Limits) -> SandboxResult:
+def run_job(job: Job, level: str, limits: Limits) -> SandboxResult:
     """Run ``job`` at isolation ``level``; never raises for anything the job does."""
     start = time.monotonic()
     judge_uid, candidate_uid = _own_uids(level)
@@ -217,6 +217,11 @@ def _collect(proc: subprocess.Popen, payload: bytes, deadline: float, cap: int) 
             if total > cap:
                 outcome = "output_limit"
                 break
+            if not sel.get_map():  # job written, both pipes closed: just wait for the exit
+                try:
+                    proc.wait(timeout=max(0.0, min(deadline - time.monotonic(), 0.05)))
+                except subprocess.TimeoutExpired:
+                    pass
     for fd, buffer in buffers.items():  # what is left after exit (bounded, never blocking)
         buffer += _drain_nonblocking(fd, max(0, cap - len(buffer)))
     return outcome, [bytes(b) for b in buffers.values()]
@@ -258,6 +263,7 @@ def _verdict(outcome: str, channel: str, nonce: str, returncode: int | None, std
         return "timeout", f"timed out after {limits.timeout:g}s"
     if outcome == "output_limit":
         return "output_limit", f"output exceeded {limits.max_output_bytes} bytes"
+    reasons = [line for line in stderr.splitlines() if line.startswith("sandbox setup failed")]
     for line in channel.splitlines():
         word, _, text = line.removeprefix(f"{nonce} ").partition(" ")
         if not line.startswith(f"{nonce} "):
@@ -267,9 +273,8 @@ def _verdict(outcome: str, channel: str, nonce: str, returncode: int | None, std
         if word == "FAIL":
             return "failed", text
         if word == "ERROR":
-            return "error", f"sandbox error: {text}"
+            return "error", f"sandbox error: {text}" + (f"; {reasons[-1]}" if reasons else "")
     if returncode == SETUP_FAILED:
-        reasons = [line for line in stderr.splitlines() if line.startswith("sandbox setup failed")]
         return "error", reasons[-1] if reasons else "sandbox setup failed"
     return "failed", f"no verdict: the tests did not finish ({_describe_exit(returncode)})"
 

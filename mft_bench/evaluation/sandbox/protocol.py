@@ -11,7 +11,10 @@ import pickle
 import struct
 import sys
 from collections.abc import Callable
-from typing import Any
+
+TYPE_CHECKING = False  # typing is not imported at run time (see harness.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 MAX_FRAME = 1 << 30
 
