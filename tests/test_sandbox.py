@@ -102,7 +102,7 @@ def test_killing_parent_and_process_group_leaves_the_evaluator_alive():
         os.killpg(os.getpgrp(), signal.SIGKILL)
         assert False, 'tests failed'
     """
-    result = run(program)  # in a PID namespace the harness is init and survives; elsewhere it dies
+    result = run(program)  # it reaches neither the judge nor the evaluator: no verdict, a failure
     assert result.status == "failed"
     if sandbox.isolation_level() != "rlimits" or os.geteuid() == 0:  # kill(-1) only reaches the sandbox
         assert not run("import os, signal\nos.kill(-1, signal.SIGKILL)\nimport time\ntime.sleep(5)").passed

@@ -185,7 +185,7 @@ def _setup_failed(what: str, exc: BaseException) -> int:
 
 
 def _die_with_parent(parent: int) -> None:
-    """SIGKILL when the parent dies; it may have died already (pid 1 inside a PID namespace: ask the pipe)."""
+    """SIGKILL when the parent dies; exit now if it died before the signal was armed."""
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:
         os._exit(SETUP_FAILED)
