@@ -348,7 +348,7 @@ def run_eval_stage(recipe: Recipe, stage: Stage, stages: dict[str, Stage], model
     options = stage.key["benchmark"]["options"]
     common = dict(options=options, limit=bench.limit, backend=recipe.evaluation.backend,
                   batch_size=recipe.evaluation.batch_size, data_dir=recipe.data.data_dir, seed=recipe.seed,
-                  dtype=recipe.backbone.dtype)
+                  dtype=recipe.backbone.dtype, sandbox=recipe.evaluation.sandbox)
     if recipe.evaluation.in_fresh_process:
         from mft_bench.evaluation.worker import EvaluationJob, evaluate_in_subprocess
 
@@ -408,6 +408,12 @@ def preflight(recipe: Recipe, models: ModelCache, world_size: int) -> None:
     for arm in ("fft", "mft", "lora"):
         if arm in recipe.arms:
             train_config(recipe, arm, world_size, _device_bytes())
+    from mft_bench.evaluation.registry import CODE_BENCHMARKS
+
+    if any(bench.name in CODE_BENCHMARKS for bench in recipe.evaluation.benchmarks):
+        from mft_bench.evaluation.sandbox import require_isolation
+
+        require_isolation(recipe.evaluation.sandbox)  # no code sandbox here: say so before hours of training
     model = models.backbone()
     if any(arm in recipe.arms for arm in ("mft", "random_mask", "magnitude_mask")):
         from mft_bench.masking.architectures import resolve_targets

@@ -155,6 +155,7 @@ class EvaluationSpec(_Strict):
     # start after training gave the GPU back, and never share a process with another engine)
     fresh_process: bool | None = None
     benchmarks: list[BenchmarkSpec] = Field(min_length=1)
+    sandbox: Literal["namespace", "rlimits"] = "namespace"  # weakest code-sandbox isolation accepted
 
     @property
     def in_fresh_process(self) -> bool:

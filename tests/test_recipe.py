@@ -92,3 +92,17 @@ def test_bad_override_is_a_user_error():
         load_recipe(ROOT / "tasks" / "smoke.yaml", ["fft.learning_rate"])
     with pytest.raises(MftBenchError, match="no list item 9"):
         load_recipe(ROOT / "tasks" / "smoke.yaml", ["data.sources.9.rows=1"])
+
+
+def test_evaluation_sandbox_setting_reaches_the_code_benchmarks(monkeypatch):
+    from mft_bench.evaluation import registry
+    from mft_bench.recipe import EvaluationSpec
+
+    spec = {"benchmarks": [{"name": "humaneval"}]}
+    assert EvaluationSpec(**spec).sandbox == "namespace"
+    assert EvaluationSpec(**spec, sandbox="rlimits").sandbox == "rlimits"
+    with pytest.raises(ValueError):
+        EvaluationSpec(**spec, sandbox="none")
+    assert registry.make_benchmark("humaneval", sandbox="rlimits").sandbox == "rlimits"
+    assert registry.make_benchmark("humaneval_plain").sandbox == "namespace"
+    assert registry.make_benchmark("gsm8k", sandbox="rlimits").name == "gsm8k"  # no code, no sandbox option

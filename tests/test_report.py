@@ -198,6 +198,7 @@ def test_report_is_deterministic_and_written_in_all_formats(run_and_report, writ
     assert "| pretrained |" in markdown and "fft (val-selected)" in markdown
     assert "†" in markdown and "gsm8k (paper)" in markdown and "46.9" in markdown
     assert "NOT resolvable" in markdown
+    assert "## Code execution" not in markdown  # no code benchmark in this run
     csv = pd.read_csv(run_dir / "report.csv")
     assert len(csv) == len(report["rows"])
     assert csv.loc[(csv.arm == "fft") & (csv.metric == "exact_match"), "paper_value"].iloc[0] == pytest.approx(0.469)
@@ -361,3 +362,26 @@ def test_report_markdown_says_what_each_metric_is():
     assert any(line.startswith("- gsm8k:exact_match_flexible:") and "OLMES" in line for line in lines)
     assert not any("lm_eval:" in line for line in lines)  # lm-eval's metrics are lm-eval's own
     assert metric_note_lines({"rows": [{"benchmark": "humaneval", "metric": "pass@1"}]}) == []
+
+
+def test_report_names_the_sandbox_isolation_of_every_code_benchmark(tmp_path):
+    run_dir = make_run(tmp_path / "run", checkpoints=False, paper_key=None)
+    run = json.loads((run_dir / "run.json").read_text())
+    for k, arm in enumerate(ARMS):
+        entry = _write_eval(run_dir, f"eval-{arm}-humaneval", "humaneval", "pass@1",
+                            {"pass@1": _scores(0.3, 40, 200 + k)})
+        metrics_path = run_dir / entry["metrics"]
+        metrics = json.loads(metrics_path.read_text())
+        metrics["isolation"] = "rlimits" if arm == "lora" else "namespace"
+        metrics_path.write_text(json.dumps(metrics))
+        run["evaluations"].append({"arm": arm, "checkpoint": "last", "split": "test", "benchmark": "humaneval",
+                                   **entry})
+    (run_dir / "run.json").write_text(json.dumps(run))
+    report = build_report(run_dir, n_bootstrap=200, seed=0)
+    assert report["benchmarks"]["humaneval"]["isolation"] == {
+        arm: "rlimits" if arm == "lora" else "namespace" for arm in ARMS}
+    assert "isolation" not in report["benchmarks"]["gsm8k"]  # nothing ran code there: nothing to say
+    write_report(report, run_dir)
+    markdown = (run_dir / "report.md").read_text()
+    assert "## Code execution" in markdown
+    assert "- humaneval: namespace (pretrained, fft, mft, random_mask, magnitude_mask), rlimits (lora)" in markdown

@@ -114,7 +114,7 @@ def tiny():
 def echo(monkeypatch):
     """Route benchmark name 'echo' to EchoNumber(**options); return a list collecting built backends."""
     monkeypatch.setattr(runner, "validate_benchmark_name", lambda name: None)
-    monkeypatch.setattr(runner, "make_benchmark", lambda name, options=None, data_dir=None: EchoNumber(**(options or {})))
+    monkeypatch.setattr(runner, "make_benchmark", lambda name, options=None, data_dir=None, **_: EchoNumber(**(options or {})))
     return monkeypatch
 
 
@@ -252,7 +252,7 @@ def test_damaged_middle_line_is_an_error(tiny, echo, tmp_path):
 def test_sigkill_then_rerun_matches_uninterrupted(tiny, echo, tmp_path):
     """A real SIGKILL of a (forked) child mid-evaluation; the rerun completes with identical files."""
     model, tok = tiny
-    echo.setattr(runner, "make_benchmark", lambda name, options=None, data_dir=None: EchoNumber(count=24))
+    echo.setattr(runner, "make_benchmark", lambda name, options=None, data_dir=None, **_: EchoNumber(count=24))
     out = tmp_path / "killed"
     pid = os.fork()  # fork, not spawn: the child starts at once with the model already loaded
     if pid == 0:  # child: evaluate until killed

@@ -102,7 +102,7 @@ def test_killing_parent_and_process_group_leaves_the_evaluator_alive():
         os.killpg(os.getpgrp(), signal.SIGKILL)
         assert False, 'tests failed'
     """
-    result = run(program)  # in a PID namespace the harness is init and survives; elsewhere it dies
+    result = run(program)  # it reaches neither the judge nor the evaluator: no verdict, a failure
     assert result.status == "failed"
     if sandbox.isolation_level() != "rlimits" or os.geteuid() == 0:  # kill(-1) only reaches the sandbox
         assert not run("import os, signal\nos.kill(-1, signal.SIGKILL)\nimport time\ntime.sleep(5)").passed
@@ -197,3 +197,61 @@ def test_run_many_keeps_order_and_gives_every_program_a_result():
     assert [r.status for r in results] == ["passed", "timeout", "failed", "failed", "passed"]
     assert "ValueError: v" in results[3].detail
     assert sandbox.run_many([], timeout=1.0) == []
+
+
+JUDGED_CANDIDATE = """
+import collections
+
+
+def counts(text):
+    return collections.Counter(text.split())
+
+
+def point():
+    return collections.namedtuple("Point", "x y")(1, 2.5)
+
+
+def numbers(n):
+    return (i for i in range(n))
+
+
+def fail(kind):
+    raise {"value": ValueError, "own": type("Oops", (Exception,), {})}[kind]("bad input")
+
+
+def leave():
+    raise SystemExit(0)
+"""
+
+JUDGED_TESTS = """
+counts, point, numbers, fail, leave = map(candidate_function, ("counts", "point", "numbers", "fail", "leave"))
+got = counts("a b a")
+assert got == {"a": 2, "b": 1} and type(got) is dict  # a Counter arrives as the dict it holds
+assert point() == (1, 2.5) and type(point()) is tuple
+generator = numbers(3)
+assert generator != [0, 1, 2] and generator == generator and "generator" in repr(generator)
+try:
+    fail("value")
+except ValueError as exc:  # built-in exceptions keep their type, so tests that catch them still can
+    assert str(exc) == "bad input"
+else:
+    raise AssertionError("no ValueError")
+try:
+    leave()
+except Exception as exc:
+    assert "SystemExit" in str(exc)
+else:
+    raise AssertionError("no SystemExit")
+"""
+
+
+def test_judged_run_passes_plain_data_and_exceptions_between_the_processes():
+    assert sandbox.run_judged(JUDGED_CANDIDATE, JUDGED_TESTS, timeout=10).passed
+    own = sandbox.run_judged(JUDGED_CANDIDATE, "candidate_function('fail')('own')", timeout=10)
+    assert own.status == "failed" and own.detail == "Oops: bad input"
+    missing = sandbox.run_judged(JUDGED_CANDIDATE, "candidate_function('nosuch')()", timeout=10)
+    assert missing.detail == "NameError: name 'nosuch' is not defined"
+    broken = sandbox.run_judged("def f(:\n", "candidate_function('f')()", timeout=10)
+    assert broken.status == "failed" and broken.detail.startswith("SyntaxError")
+    gone = sandbox.run_judged("import os\ndef f():\n    os._exit(0)\n", "candidate_function('f')()", timeout=10)
+    assert gone.status == "failed" and "ended without answering" in gone.detail

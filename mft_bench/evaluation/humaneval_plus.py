@@ -10,8 +10,10 @@ Scoring follows ``evalplus.eval.unsafe_execute`` for the ``humaneval`` dataset, 
 ``evalplus`` package pulls in API clients we do not need, and its checker runs the code in-process:
 
 * expected outputs come from the file's ``canonical_solution`` run on every ``base_input`` + ``plus_input``
-  (each call on a deep copy of the input, since solutions may mutate arguments), computed inside the sandbox
-  before the completion's code is executed;
+  (each call on a deep copy of the input, since solutions may mutate arguments), computed inside the sandbox by
+  the judge process, which also does every comparison; the completion runs in the candidate process, never
+  sees the reference or the inputs it is not called with, and its outputs reach the judge as plain built-in
+  data (see :mod:`mft_bench.evaluation.humaneval` for what that changes);
 * an output matches when ``out == expected``; otherwise, if ``atol`` is non-zero (it becomes 1e-6 once a float or
   list of floats is expected and ``atol`` is 0, as in evalplus), types and lengths must agree and values must be
   close like ``np.allclose(out, expected, rtol=1e-7, atol=atol)``;
@@ -29,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from mft_bench.errors import MftBenchError
-from mft_bench.evaluation import humaneval
+from mft_bench.evaluation import humaneval, sandbox
 from mft_bench.evaluation.base import Item
 
 ENV_VARS = ("HUMANEVAL_OVERRIDE_PATH", "MFT_BENCH_HUMANEVAL_PLUS")
@@ -40,7 +42,8 @@ HOW_TO_GET = (
     "the environment variable HUMANEVAL_OVERRIDE_PATH or MFT_BENCH_HUMANEVAL_PLUS)"
 )
 
-# Runs inside the sandbox after the program defines _SOLUTION, _COMPLETION, _ENTRY, _INPUTS_JSON, _ATOL.
+# The judge: runs in the sandbox's judge process after the header defines _SOLUTION, _ENTRY, _INPUTS_JSON, _ATOL;
+# the candidate's function is reached through candidate_function.
 _CHECKER = '''
 import copy as _copy, json as _json, math as _math
 
@@ -73,9 +76,7 @@ def _run():
     reference = {"__name__": "__reference__"}
     exec(compile(_SOLUTION, "<canonical_solution>", "exec"), reference)
     expected = [reference[_ENTRY](*_copy.deepcopy(inp)) for inp in inputs]
-    candidate = {"__name__": "__main__"}
-    exec(compile(_COMPLETION, "<completion>", "exec"), candidate)
-    fn = candidate[_ENTRY]
+    fn = candidate_function(_ENTRY)
     atol = _ATOL
     for i, (inp, exp) in enumerate(zip(inputs, expected)):
         out = fn(*_copy.deepcopy(inp))
@@ -109,23 +110,22 @@ def resolve_path(path: str | None) -> Path:
     raise MftBenchError(f"humaneval_plus needs the HumanEval+ data file, which is not set; {HOW_TO_GET}")
 
 
-def build_plus_program(problem: dict[str, Any], completion: str) -> str:
-    """A self-contained program that checks ``completion`` on all base + plus inputs against the reference."""
+def build_plus_job(problem: dict[str, Any], completion: str) -> sandbox.Job:
+    """The completion (candidate) and a judge that checks it on all base + plus inputs against the reference."""
     inputs = list(problem["base_input"]) + list(problem["plus_input"])
     header = (
         f"_SOLUTION = {problem['prompt'] + problem['canonical_solution']!r}\n"
-        f"_COMPLETION = {problem['prompt'] + completion!r}\n"
         f"_ENTRY = {problem['entry_point']!r}\n"
         f"_INPUTS_JSON = {json.dumps(inputs)!r}\n"
         f"_ATOL = {float(problem.get('atol') or 0)!r}\n"
     )
-    return header + _CHECKER
+    return sandbox.Job(candidate=problem["prompt"] + completion, judge=header + _CHECKER)
 
 
 class HumanEvalPlus(humaneval.HumanEval):
     """HumanEval+ with the prompts of :class:`~mft_bench.evaluation.humaneval.HumanEval`."""
 
-    scorer_version = "1"
+    scorer_version = "2"  # 2: tests in their own process, results compared as plain data
 
     def __init__(self, path: str | None = None, variant: str = "olmes", timeout: float = 20.0,
                  **kwargs: Any) -> None:
@@ -144,5 +144,5 @@ class HumanEvalPlus(humaneval.HumanEval):
                 raise MftBenchError(f"{path} line {number} lacks {missing}: not a HumanEval+ file; {HOW_TO_GET}")
         return problems
 
-    def programs(self, item: Item, outputs: list[str]) -> list[str]:
-        return [build_plus_program(item.data, self.extract(o)) for o in outputs]
+    def jobs(self, item: Item, outputs: list[str]) -> list[sandbox.Job]:
+        return [build_plus_job(item.data, self.extract(o)) for o in outputs]

@@ -28,6 +28,7 @@ _SPECS: dict[str, tuple[str, str, dict[str, Any]]] = {
 }
 
 BENCHMARK_NAMES: tuple[str, ...] = tuple(_SPECS)
+CODE_BENCHMARKS = ("humaneval", "humaneval_plain", "humaneval_plus")  # run model-written code: take ``sandbox``
 
 
 def is_lm_eval(name: str) -> bool:
@@ -54,8 +55,10 @@ def validate_benchmark_name(name: str) -> None:
         )
 
 
-def make_benchmark(name: str, options: dict[str, Any] | None = None, data_dir: str | None = None) -> Benchmark:
-    """Build the generation benchmark ``name`` with the recipe's ``options`` (keyword arguments) and ``data_dir``."""
+def make_benchmark(name: str, options: dict[str, Any] | None = None, data_dir: str | None = None,
+                   sandbox: str | None = None) -> Benchmark:
+    """Build the generation benchmark ``name`` with the recipe's ``options`` (keyword arguments) and ``data_dir``;
+    code benchmarks also get ``sandbox`` (the recipe's ``evaluation.sandbox``) unless their options set it."""
     validate_benchmark_name(name)
     if is_lm_eval(name):
         raise MftBenchError(
@@ -69,6 +72,8 @@ def make_benchmark(name: str, options: dict[str, Any] | None = None, data_dir: s
     module = importlib.import_module(f"mft_bench.evaluation.{module_name}")
     cls = getattr(module, class_name)
     kwargs = {**fixed, **(options or {})}
+    if sandbox is not None and name in CODE_BENCHMARKS:
+        kwargs.setdefault("sandbox", sandbox)
     if data_dir is not None:
         kwargs["data_dir"] = data_dir
     try:

@@ -180,6 +180,7 @@ def evaluate(
     seed: int = 0,
     dtype: str | None = None,
     max_length: int | None = None,
+    sandbox: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` (or the checkpoint at ``model_path``) on ``benchmark``; write and return its metrics.
 
@@ -187,6 +188,7 @@ def evaluate(
     ``dtype``: what a checkpoint loaded from ``model_path`` runs in (the hf backend's load, vLLM's engine; vLLM
     needs it). ``max_length``: the context prompts are cut to, for either backend (see ``backends.make_backend``).
     A backend that holds an engine is closed before this returns.
+    ``sandbox``: the weakest isolation code benchmarks accept (the recipe's ``evaluation.sandbox``).
     """
     out_dir = Path(out_dir)
     metrics_path = out_dir / METRICS_FILE
@@ -203,7 +205,7 @@ def evaluate(
         return _evaluate_lm_eval(model, tokenizer, benchmark, out_dir, options=options, limit=limit,
                                  batch_size=batch_size, model_path=model_path, data_dir=data_dir, dtype=dtype)
 
-    bench = make_benchmark(benchmark, options, data_dir)
+    bench = make_benchmark(benchmark, options, data_dir, sandbox=sandbox)
     items = bench.items(limit)
     ids = [it.id for it in items]
     if len(set(ids)) != len(ids):

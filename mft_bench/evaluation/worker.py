@@ -52,6 +52,7 @@ class EvaluationJob:
     seed: int = 0
     dtype: str | None = None
     max_length: int | None = None
+    sandbox: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -89,7 +90,7 @@ def run_job(job: EvaluationJob) -> dict[str, Any]:
     return evaluate(
         None, None, job.benchmark, Path(job.out_dir), options=job.options or None, limit=job.limit,
         backend=job.backend, batch_size=job.batch_size, data_dir=job.data_dir, model_path=job.model_path,
-        seed=job.seed, dtype=job.dtype, max_length=job.max_length,
+        seed=job.seed, dtype=job.dtype, max_length=job.max_length, sandbox=job.sandbox,
     )
 
 

@@ -238,6 +238,10 @@ def build_report(run_dir: Path, *, confidence: float = 0.95, n_bootstrap: int = 
         for benchmark, evaluation in evaluations.items():
             benchmarks.setdefault(benchmark, {"primary_metric": evaluation.primary_metric, "n": evaluation.n,
                                               "versions": evaluation.versions})
+    for arm, evaluations in families:  # code benchmarks: the sandbox level of every arm's run
+        for benchmark, evaluation in evaluations.items():
+            if evaluation.isolation is not None:
+                benchmarks[benchmark].setdefault("isolation", {})[arm] = evaluation.isolation
     provenance = {key: run.provenance.get(key, "" if key == "git_commit" else {}) for key in PROVENANCE_KEYS}
     provenance.update({k: v for k, v in run.provenance.items() if k not in provenance})
     report: dict[str, Any] = {

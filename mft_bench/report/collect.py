@@ -39,6 +39,7 @@ class Evaluation:
     metrics: dict[str, dict[str, float]]  # name -> {"mean", "stderr"}
     scores: dict[str, dict[str, float]]  # item id -> {metric: score}; empty when there are no records
     versions: dict[str, Any] = field(default_factory=dict)
+    isolation: str | None = None  # code benchmarks: the sandbox level their code ran at
 
     def item_scores(self, metric: str) -> dict[str, float]:
         """Item id -> score for one metric (items that lack the metric are left out)."""
@@ -134,6 +135,7 @@ def _load_evaluation(run_dir: Path, entry: dict[str, Any], index: int) -> Evalua
         metrics={str(k): dict(v) for k, v in metrics["metrics"].items() if isinstance(v, dict)},
         scores=scores,
         versions=dict(metrics.get("versions") or {}),
+        isolation=str(metrics["isolation"]) if metrics.get("isolation") else None,
     )
 
 

@@ -182,6 +182,26 @@ def metric_note_lines(report: dict[str, Any]) -> list[str]:
     return ["", "Metrics (README, 'Metrics'):", *notes] if notes else []
 
 
+def isolation_lines(report: dict[str, Any]) -> list[str]:
+    """A section naming the sandbox level each code benchmark's code ran at, per arm (none without one)."""
+    levels = {b: info["isolation"] for b, info in (report.get("benchmarks") or {}).items() if info.get("isolation")}
+    if not levels:
+        return []
+    lines = ["", "## Code execution", "",
+             "Model-written code ran in the sandbox at these isolation levels (namespace, userns: own namespaces "
+             "and new root; rlimits: resource limits only, weaker; README, Sandbox):", ""]
+    for benchmark, by_arm in levels.items():
+        groups: dict[str, list[str]] = {}
+        for arm, level in by_arm.items():
+            groups.setdefault(level, []).append(display_arm(arm))
+        if len(groups) == 1:
+            lines.append(f"- {benchmark}: {next(iter(groups))} (every arm)")
+        else:
+            parts = [f"{level} ({', '.join(arms)})" for level, arms in groups.items()]
+            lines.append(f"- {benchmark}: " + ", ".join(parts))
+    return lines
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     header, body = wide_cells(report)
     settings = report.get("settings") or {}
@@ -221,6 +241,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"{c['diff'] * 100:+.1f}{MARK if c['significant'] else ''} | "
                 f"[{c['ci_low'] * 100:.1f}, {c['ci_high'] * 100:.1f}] | {c['p_value']:.3g} | {c['test']} |"
             )
+    lines += isolation_lines(report)
     selection = report.get("selection") or {}
     if selection:
         lines += ["", "## Validation-selected checkpoints", "",
