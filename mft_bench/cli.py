@@ -65,11 +65,16 @@ def _progress(stage, status: str) -> None:
         print(f"[{status:>7}] {stage.name}", flush=True)
 
 
-def _relaunch(nproc: int, argv: list[str]) -> int:
-    """Start ``nproc`` processes of the same command without ``--nproc`` (see ``distributed.launch``)."""
+def _relaunch(nproc: int, argv: list[str], recipes: list) -> int:
+    """Start ``nproc`` processes of the same command without ``--nproc`` (see ``distributed.launch``), once the
+    machine and every recipe's global batches are known to allow ``nproc`` processes."""
     from mft_bench.distributed import check_process_count, launch
 
     check_process_count(nproc)
+    for recipe in recipes:
+        for arm in ("fft", "mft", "lora"):
+            if arm in recipe.arms:
+                getattr(recipe, arm).accumulation_steps(nproc)
     rest, skip = [], False
     for arg in argv:
         if skip:
@@ -87,10 +92,7 @@ def cmd_run(args) -> int:
     recipe = _load(args)  # bad recipes are refused before any process starts
     run_dir = _run_dir(recipe, args.out)
     if args.nproc > 1:
-        for arm in ("fft", "mft", "lora"):
-            if arm in recipe.arms:
-                getattr(recipe, arm).accumulation_steps(args.nproc)  # a batch N processes cannot make: refused now
-        return _relaunch(args.nproc, args.argv)
+        return _relaunch(args.nproc, args.argv, [recipe])
     report = run_recipe(recipe, run_dir, force=args.force, progress=_progress)
     if not _is_main_process():
         return EXIT_OK
@@ -130,6 +132,8 @@ def cmd_reproduce(args) -> int:
         for recipe in recipes:
             print(render_plan(recipe, out / recipe.name))
         return EXIT_OK
+    if args.nproc > 1:
+        return _relaunch(args.nproc, args.argv, recipes)
     from mft_bench.pipeline import run_recipe
     from mft_bench.report import paper_table
 
@@ -137,6 +141,8 @@ def cmd_reproduce(args) -> int:
     for recipe in recipes:
         run_recipe(recipe, out / recipe.name, progress=_progress)
         run_dirs.append(out / recipe.name)
+    if not _is_main_process():
+        return EXIT_OK
     for path in paper_table(run_dirs, out):
         if path.suffix == ".md":
             print(path.read_text())
@@ -230,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("target", help="'paper'")
     reproduce.add_argument("--backbone", choices=PAPER_BACKBONES, default="llama2-7b")
     reproduce.add_argument("--dry-run", action="store_true", help="only plan")
+    reproduce.add_argument("--nproc", type=int, default=1, metavar="N",
+                           help="processes: one per GPU (on a machine without GPUs, N gloo CPU processes)")
     reproduce.add_argument("--out")
     reproduce.set_defaults(func=cmd_reproduce)
 
