@@ -12,9 +12,8 @@ from mft_bench.train.lora import SEVEN_PROJECTIONS, default_target_modules
 from mft_bench.train.sampling import EpochSeededLengthGroupedSampler
 from mft_bench.train.strategy import fsdp_arguments, refuse_launcher_strategy, resolve_strategy
 from mft_bench.train.trainer import (
-    interval_steps,
+    export_steps,
     last_checkpoint,
-    save_steps,
     training_arguments,
     updates_per_epoch,
 )
@@ -42,8 +41,13 @@ def test_step_schedule_matches_trainer_counting():
     assert updates_per_epoch(25, 4, 2, 1) == 4  # 7 batches -> last step takes one
     assert updates_per_epoch(24, 4, 2, 2) == 2  # 6 batches over 2 ranks: 3 each -> 2 steps
     assert updates_per_epoch(3, 4, 32, 1) == 1
-    assert interval_steps(1 / 3, 9) == 3 and interval_steps(None, 9) is None and interval_steps(0.01, 9) == 1
-    assert save_steps(6, 4, 100) == 2 and save_steps(None, None, 100) == 100 and save_steps(3, None, 100) == 3
+    # the paper's save_every 1/3 over 2 epochs: 6 exports, evenly spaced, the last at the end
+    assert TrainConfig(epochs=2, save_every=0.3333).export_count == 6 and TrainConfig().export_count == 1
+    assert export_steps(6, 938) == [156, 313, 469, 625, 782, 938]
+    assert export_steps(3, 6) == [2, 4, 6] and export_steps(1, 7) == [7]
+    assert export_steps(4, 2) == [1, 1, 2, 2]  # fewer steps than exports: they share steps
+    with pytest.raises(MftBenchError, match="max_steps"):
+        TrainConfig(max_steps=5, save_every=0.5)
 
 
 def test_last_checkpoint_skips_incomplete(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -28,15 +29,17 @@ class Exporter(Protocol):
 
 
 class ExportCallback(TrainerCallback):
-    """Exports at every ``interval_steps``-th optimizer step and at the last one, right after Trainer saved.
+    """Exports at each of ``steps`` (optimizer steps; the last is the end of training), right after the Trainer
+    saved: at those steps it asks the Trainer for a save and, with ``evaluate``, a validation-loss evaluation.
 
     Exports are written to a temporary name and renamed, so a kill never leaves a half-written export. A kill
     between Trainer's checkpoint and the export is repaired on resume: the resumed weights are that step's.
     """
 
-    def __init__(self, exporter: Exporter, interval_steps: int | None) -> None:
+    def __init__(self, exporter: Exporter, steps: Sequence[int], *, evaluate: bool = False) -> None:
         self.exporter = exporter
-        self.interval_steps = interval_steps
+        self.steps = set(steps)
+        self.evaluate = evaluate
         self.trainer: Trainer | None = None
 
     def bind(self, trainer: Trainer | None) -> ExportCallback:
@@ -44,8 +47,13 @@ class ExportCallback(TrainerCallback):
         return self
 
     def is_due(self, step: int, max_steps: int) -> bool:
-        at_interval = self.interval_steps is not None and step % self.interval_steps == 0
-        return step > 0 and (at_interval or step >= max_steps)
+        return step > 0 and (step in self.steps or step >= max_steps)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.is_due(state.global_step, state.max_steps):
+            control.should_save = True
+            control.should_evaluate = control.should_evaluate or self.evaluate
+        return control
 
     def on_train_begin(self, args, state, control, **kwargs):
         if self.is_due(state.global_step, state.max_steps):  # only true when resuming

@@ -126,23 +126,14 @@ def updates_per_epoch(num_examples: int, per_device_batch_size: int, grad_accum:
     return max(math.ceil(per_rank / grad_accum), 1)
 
 
-def interval_steps(save_every: float | None, steps_per_epoch: int) -> int | None:
-    """Optimizer steps between exports for ``save_every`` (a fraction of an epoch); None = final only."""
-    if save_every is None:
-        return None
-    return max(round(save_every * steps_per_epoch), 1)
+def export_steps(export_count: int, max_steps: int) -> list[int]:
+    """The optimizer step of each of ``export_count`` evaluable exports, evenly spaced, the last at ``max_steps``
+    (the i-th at round(i * max_steps / count); with fewer steps than exports two may share a step)."""
+    return [max(1, round(i * max_steps / export_count)) for i in range(1, export_count + 1)]
 
 
 def total_steps(config: TrainConfig, steps_per_epoch: int) -> int:
     return config.max_steps if config.max_steps > 0 else math.ceil(config.epochs * steps_per_epoch)
-
-
-def save_steps(export_interval: int | None, resume_every: int | None, max_steps: int) -> int:
-    """Trainer's save interval: every export step and every resume step must be a save step."""
-    candidates = [s for s in (export_interval, resume_every) if s is not None]
-    if not candidates:
-        return max_steps  # the final save only
-    return math.gcd(*candidates)
 
 
 def last_checkpoint(output_dir: Path) -> Path | None:
@@ -256,13 +247,15 @@ def run_arm(
         if has_length(train_dataset) else config.max_steps
     )
     max_steps = total_steps(config, steps_per_epoch)
-    export_interval = interval_steps(config.save_every, steps_per_epoch)
-    args.save_steps = save_steps(export_interval, config.resume_every_steps, max_steps)
-    args.eval_steps = export_interval or max_steps
-    logger.info("%d optimizer steps (%d per epoch), exports every %s, Trainer saves every %d",
-                max_steps, steps_per_epoch, export_interval or "end", args.save_steps)
+    exports = export_steps(config.export_count, max_steps)
+    # Trainer saves (and evaluates) on its own only at resume intervals and the end; the export callback asks
+    # for a save and an evaluation at every export step
+    args.save_steps = config.resume_every_steps or max_steps
+    args.eval_steps = max_steps
+    logger.info("%d optimizer steps (%d per epoch), exports at steps %s, resume checkpoints every %d",
+                max_steps, steps_per_epoch, exports, args.save_steps)
 
-    export_callback = ExportCallback(exporter, export_interval)
+    export_callback = ExportCallback(exporter, exports, evaluate=eval_dataset is not None)
     sharded_on_cpu = config.strategy == "fsdp" and args.world_size > 1 and not has_accelerator()
     with fsdp_on_cpu() if sharded_on_cpu else contextlib.nullcontext():
         trainer = trainer_cls(
