@@ -47,7 +47,6 @@ Conventions and assumptions (read before trusting a number):
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -60,10 +59,9 @@ from mft_bench.model_shape import KNOWN_SHAPES, ModelShape, shape_for_backbone
 __all__ = [
     "ARMS", "GIB", "KNOWN_SHAPES", "Estimate", "Hardware", "ModelShape", "cpu_hardware", "detect_hardware",
     "estimate_generation", "estimate_load", "estimate_training", "gpu_hardware", "hardware_by_name",
-    "data_parallel_seconds", "per_device_memory", "shape_for_backbone",
+    "data_parallel_seconds", "per_device_memory", "shape_for_backbone", "DDP_EFFICIENCY", "FSDP_EFFICIENCY",
+    "DISK_BYTES_PER_S",
 ]
-
-logger = logging.getLogger(__name__)
 
 Arm = Literal["fft", "mft", "lora"]
 ARMS: tuple[str, ...] = ("fft", "mft", "lora")
