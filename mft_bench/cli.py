@@ -107,11 +107,21 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def _planned_hardware(args):
+    """The machine a plan is for: ``--hardware NAME`` (a GPU kind) or this machine; and the process count."""
+    from mft_bench.hardware import detect_hardware, hardware_by_name
+
+    if args.nproc < 1:
+        raise MftBenchError(f"--nproc must be at least 1, got {args.nproc}")
+    return (hardware_by_name(args.hardware) if args.hardware else detect_hardware()), args.nproc
+
+
 def cmd_plan(args) -> int:
     from mft_bench.plan_view import render_plan
 
     recipe = _load(args)
-    print(render_plan(recipe, _run_dir(recipe, args.out)))
+    hardware, nproc = _planned_hardware(args)
+    print(render_plan(recipe, _run_dir(recipe, args.out), hardware=hardware, nproc=nproc))
     return EXIT_OK
 
 
@@ -124,13 +134,23 @@ def cmd_reproduce(args) -> int:
 
     if args.target != "paper":
         raise MftBenchError(f"reproduce: unknown target '{args.target}' (only 'paper')")
+    if not args.dry_run and args.hardware:
+        raise MftBenchError("reproduce: --hardware plans a run for that GPU kind (--dry-run); a run uses this "
+                            "machine's GPUs")
     recipes = [load_recipe(path) for path in paper_recipes(args.backbone)]
     out = Path(args.out or "runs/paper")
     if args.dry_run:
-        from mft_bench.plan_view import render_plan
+        from mft_bench.plan_view import plan_text, render_bill
 
+        hardware, nproc = _planned_hardware(args)
+        summaries = []
         for recipe in recipes:
-            print(render_plan(recipe, out / recipe.name))
+            text, summary = plan_text(recipe, out / recipe.name, hardware=hardware, nproc=nproc)
+            print(text + "\n")
+            if summary is not None:
+                summaries.append(summary)
+        if summaries:
+            print(render_bill(summaries))
         return EXIT_OK
     if args.nproc > 1:
         return _relaunch(args.nproc, args.argv, recipes)
@@ -226,19 +246,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="processes: one per GPU (on a machine without GPUs, N gloo CPU processes)")
     run.set_defaults(func=cmd_run)
 
-    plan = sub.add_parser("plan", help="dry run: stages, cache status, estimated FLOPs/memory/time")
+    plan = sub.add_parser("plan", help="dry run: stages, cache status, estimated time, memory per GPU, disk")
     plan.add_argument("recipe")
     plan.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     plan.add_argument("--out")
+    _planning_options(plan)
     plan.set_defaults(func=cmd_plan)
 
     reproduce = sub.add_parser("reproduce", help="run all paper recipes and print the paper-shaped table")
     reproduce.add_argument("target", help="'paper'")
     reproduce.add_argument("--backbone", choices=PAPER_BACKBONES, default="llama2-7b")
-    reproduce.add_argument("--dry-run", action="store_true", help="only plan")
-    reproduce.add_argument("--nproc", type=int, default=1, metavar="N",
-                           help="processes: one per GPU (on a machine without GPUs, N gloo CPU processes)")
+    reproduce.add_argument("--dry-run", action="store_true", help="only plan, and print the whole bill")
     reproduce.add_argument("--out")
+    _planning_options(reproduce)
     reproduce.set_defaults(func=cmd_reproduce)
 
     report = sub.add_parser("report", help="rebuild tables and plots of run folders (several: paper-shaped table)")
@@ -256,6 +276,16 @@ def build_parser() -> argparse.ArgumentParser:
     listing = sub.add_parser("list", help="list shipped recipes")
     listing.set_defaults(func=cmd_list)
     return parser
+
+
+def _planning_options(parser: argparse.ArgumentParser) -> None:
+    from mft_bench.hardware import known_gpu_names
+
+    parser.add_argument("--nproc", type=int, default=1, metavar="N",
+                        help="processes, one per GPU (on a machine without GPUs, N gloo CPU processes); with plan "
+                             "or --dry-run: plan for N")
+    parser.add_argument("--hardware", metavar="NAME",
+                        help=f"plan for this GPU kind ({', '.join(known_gpu_names())}); default: this machine")
 
 
 def parse_arguments(argv: list[str]) -> argparse.Namespace:

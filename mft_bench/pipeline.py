@@ -165,15 +165,16 @@ def train_config(recipe: Recipe, arm: str, world_size: int, device_bytes: int | 
         fields.pop(extra, None)
     needs_size = spec.strategy == "auto" and arm == "fft" and world_size > 1 and device_bytes
     strategy = resolve_strategy(arm, spec.strategy, world_size=world_size,
-                                replica_bytes=replica_bytes(recipe, arm) if needs_size else None,
+                                replica_bytes=replica_bytes(recipe, arm, world_size) if needs_size else None,
                                 device_bytes=device_bytes)
     return TrainConfig(**fields, gradient_accumulation_steps=spec.accumulation_steps(world_size), seed=recipe.seed,
                        compute_dtype=recipe.backbone.dtype, strategy=strategy)
 
 
-def replica_bytes(recipe: Recipe, arm: str) -> int | None:
-    """Estimated peak memory of one whole replica of ``arm``'s training (None for an unknown model shape)."""
-    from mft_bench.estimate import cpu_hardware, estimate_training, shape_for_backbone
+def replica_bytes(recipe: Recipe, arm: str, world_size: int = 1) -> int | None:
+    """Estimated peak memory of one process training a whole replica of ``arm`` among ``world_size`` (DDP's
+    gradient buckets included when there are several); None for an unknown model shape."""
+    from mft_bench.estimate import cpu_hardware, estimate_training, per_device_memory, shape_for_backbone
 
     shape = shape_for_backbone(recipe.backbone.name)
     if shape is None:
@@ -186,7 +187,8 @@ def replica_bytes(recipe: Recipe, arm: str) -> int | None:
                                  gradient_checkpointing=spec.gradient_checkpointing, micro_batch_tokens=micro,
                                  seq_len=recipe.data.max_length,
                                  master_weights=spec.precision == "mixed" and dtype_bytes < 4, **kwargs)
-    return estimate.memory_bytes
+    return sum(per_device_memory(estimate, shape, strategy="ddp", world_size=world_size,
+                                 dtype_bytes=dtype_bytes).values())
 
 
 def _mask_spec(recipe: Recipe):
