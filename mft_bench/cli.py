@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -288,6 +290,27 @@ def _planning_options(parser: argparse.ArgumentParser) -> None:
                         help=f"plan for this GPU kind ({', '.join(known_gpu_names())}); default: this machine")
 
 
+DISK_ERRNOS = {errno.ENOSPC: "no space left on the disk", errno.EDQUOT: "the disk quota is exceeded",
+               errno.EROFS: "the disk is read-only"}
+
+
+def disk_problem(exc: BaseException, out: str | None) -> str | None:
+    """One line for a full or read-only disk, else None: an OSError says so by its errno; libraries that write
+    files themselves (torch, safetensors) raise their own errors, recognised by the OS message they carry or by
+    the run folder's disk being full."""
+    code = exc.errno if isinstance(exc, OSError) else next(
+        (number for number, text in ((errno.ENOSPC, "No space left on device"), (errno.EROFS, "Read-only file system"),
+                                     (errno.EDQUOT, "Disk quota exceeded")) if text in str(exc)), None)
+    if code is None and out and Path(out).exists():
+        usage = shutil.disk_usage(out)
+        if usage.free < 0.01 * usage.total or usage.free < 2**20:
+            code = errno.ENOSPC
+    if code not in DISK_ERRNOS:
+        return None
+    where = f" while writing {exc.filename}" if getattr(exc, "filename", None) else f" ({out})" if out else ""
+    return f"{DISK_ERRNOS[code]}{where}; free space (or choose another --out) and rerun: finished stages are kept"
+
+
 def parse_arguments(argv: list[str]) -> argparse.Namespace:
     """argparse, with ``KEY=VALUE`` overrides accepted anywhere after the recipe (``run R --out X a.b=1``): argparse
     alone stops collecting positionals at the first option."""
@@ -327,6 +350,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if main_process:
             print("mft-bench: interrupted; rerun the same command to resume", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as exc:  # noqa: BLE001 - a full disk is one line; anything else is raised as it was
+        line = disk_problem(exc, getattr(args, "out", None))
+        if line is None:
+            raise
+        if main_process:
+            print(f"mft-bench: error: {line}", file=sys.stderr)
         return EXIT_FAILED
 
 

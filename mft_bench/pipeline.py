@@ -33,6 +33,7 @@ from mft_bench.plan import (
     stages_to_force,
 )
 from mft_bench.recipe import MASK_BASELINES, Recipe, recipe_yaml
+from mft_bench.run_folder import RunLock, reopen_stage, stage_problem
 
 logger = logging.getLogger(__name__)
 
@@ -376,7 +377,8 @@ def run_eval_stage(recipe: Recipe, stage: Stage, stages: dict[str, Stage], model
                 model.to("cpu")
             del model
             _release_memory()
-    return {"metrics": "metrics.json", "records": "records.jsonl", "summary": metrics.get("metrics", {})}
+    return {"metrics": "metrics.json", "records": "records.jsonl", "n": metrics.get("n"),
+            "summary": metrics.get("metrics", {})}
 
 
 def _evaluation_folder(recipe: Recipe, stage: Stage, stages: dict[str, Stage], models: ModelCache) -> Path:
@@ -476,29 +478,49 @@ def _run_stages(recipe: Recipe, stages_list: list[Stage], stages: dict[str, Stag
 
 
 def _prepare_run_dir(recipe: Recipe, run_dir: Path, stages_list: list[Stage], force: list[str]) -> None:
-    check_run_dir(recipe, run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Record the recipe, move forced stages aside, and reopen finished stages whose files no longer match their
+    manifest (``run_folder``)."""
     (run_dir / "recipe.yaml").write_text(recipe_yaml(recipe))
     stages = {stage.name: stage for stage in stages_list}
+    retired = False
     for name in stages_to_force(stages_list, force):
         moved = retire_folder(stages[name].folder)
         if moved:
+            retired = True
             logger.info("--force: moved %s aside to %s", stages[name].folder.name, moved)
+    if retired and (run_dir / RUN_FILE).exists():  # it names the moved folders; rebuilt when this run ends
+        retire_folder(run_dir / RUN_FILE, into=run_dir / "stages" / ".superseded")
+    for stage in stages_list:
+        if stage.manifest_path.exists():
+            problem = stage_problem(stage.folder)
+            if problem:
+                reopen_stage(stage.folder, problem, stage.name)
 
 
 def run_recipe(recipe: Recipe, run_dir: Path, *, force: list[str] | None = None,
                progress=None, procs: RunProcesses | None = None) -> dict[str, Any]:
     """Run every unfinished stage, write run.json, build and write the report. Returns the report (on the main
     process; the others return an empty dict)."""
-    from mft_bench.recipe import stable_hash
     from mft_bench.train.strategy import refuse_launcher_strategy
 
     procs = procs or RunProcesses.from_environment()
     refuse_launcher_strategy()
     stages_list = build_plan(recipe, run_dir)
     stages = {stage.name: stage for stage in stages_list}
-    procs.on_main(_prepare_run_dir, recipe, run_dir, stages_list, force or [])
+    procs.on_main(check_run_dir, recipe, run_dir)
+    lock = RunLock(run_dir)
+    procs.on_main(lock.acquire)  # one run per folder: the main process holds the lock
+    try:
+        return _run_locked(recipe, run_dir, stages_list, stages, force or [], progress, procs)
+    finally:
+        lock.release()
 
+
+def _run_locked(recipe: Recipe, run_dir: Path, stages_list: list[Stage], stages: dict[str, Stage],
+                force: list[str], progress, procs: RunProcesses) -> dict[str, Any]:
+    from mft_bench.recipe import stable_hash
+
+    procs.on_main(_prepare_run_dir, recipe, run_dir, stages_list, force)
     models = ModelCache(recipe)
     if not all(stage.done() for stage in stages_list):
         procs.on_main(preflight, recipe, models, procs.world_size)

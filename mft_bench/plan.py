@@ -19,8 +19,8 @@ from typing import Any
 from mft_bench.atomic import write_json_atomic
 from mft_bench.errors import MftBenchError
 from mft_bench.recipe import MASK_BASELINES, Recipe, stable_hash
+from mft_bench.run_folder import MANIFEST, file_inventory
 
-MANIFEST = "manifest.json"
 # bump when a stage's on-disk output format or semantics change
 STAGE_FORMAT_VERSION = "1"
 RESULT_PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "lm_eval", "mft-bench")
@@ -204,17 +204,20 @@ def stages_to_force(stages: list[Stage], names: list[str]) -> set[str]:
     return {name for name in selected if name in by_name}
 
 
-def retire_folder(folder: Path) -> Path | None:
-    """Move a stage folder aside instead of deleting it: nothing finished is lost, even on ``--force``."""
+def retire_folder(folder: Path, *, into: Path | None = None) -> Path | None:
+    """Move a stage folder (or a file) aside instead of deleting it, into ``.superseded`` beside it unless ``into``
+    says where: nothing finished is lost, even on ``--force``."""
     if not folder.exists():
         return None
-    target = folder.parent / ".superseded" / f"{folder.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    target = (into or folder.parent / ".superseded") / f"{folder.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(folder), str(target))
     return target
 
 
 def finish_stage(stage: Stage, outputs: dict[str, Any]) -> None:
-    """Write the manifest last: from here on the stage counts as finished."""
+    """Write the manifest last: from here on the stage counts as finished. It lists the stage's files, so a rerun
+    can tell a stage whose files were lost or changed (``run_folder.stage_problem``)."""
     write_json_atomic(stage.manifest_path, {"stage": stage.name, "hash": stage.hash, "key": stage.key,
-                                            "deps": stage.deps, "outputs": outputs})
+                                            "deps": stage.deps, "outputs": outputs,
+                                            "files": file_inventory(stage.folder)})

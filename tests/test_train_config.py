@@ -50,14 +50,26 @@ def test_step_schedule_matches_trainer_counting():
         TrainConfig(max_steps=5, save_every=0.5)
 
 
-def test_last_checkpoint_skips_incomplete(tmp_path):
+def test_last_checkpoint_skips_incomplete_and_damaged_ones(tmp_path, caplog):
+    import json
+
+    from mft_bench.train.callbacks import SEAL
+
     assert last_checkpoint(tmp_path / "missing") is None
     for step in (2, 4, 10):
-        (tmp_path / f"checkpoint-{step}").mkdir()
-    (tmp_path / "checkpoint-2" / "trainer_state.json").write_text("{}")
-    (tmp_path / "checkpoint-4" / "trainer_state.json").write_text("{}")
-    # checkpoint-10 was being written when the process died: no trainer_state.json yet
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "trainer_state.json").write_text("{}")
+        (folder / "optimizer.pt").write_bytes(b"x" * 64)
+    for step in (2, 4):  # sealed once every file was saved; checkpoint-10 was being written when the process died
+        folder = tmp_path / f"checkpoint-{step}"
+        (folder / SEAL).write_text(json.dumps({"trainer_state.json": 2, "optimizer.pt": 64}))
     assert last_checkpoint(tmp_path) == tmp_path / "checkpoint-4"
+    (tmp_path / "checkpoint-4" / "optimizer.pt").write_bytes(b"x" * 10)  # truncated later
+    assert last_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+    assert "not resuming from checkpoint-4: optimizer.pt has 10 bytes, not 64" in caplog.text
+    (tmp_path / "checkpoint-2" / "optimizer.pt").unlink()
+    assert last_checkpoint(tmp_path) is None
 
 
 def test_length_grouped_order_depends_only_on_seed_and_epoch():

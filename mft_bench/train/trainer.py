@@ -28,7 +28,7 @@ from transformers import (
 from transformers.trainer_utils import has_length
 
 from mft_bench.errors import MftBenchError
-from mft_bench.train.callbacks import ExportCallback, Exporter
+from mft_bench.train.callbacks import ExportCallback, Exporter, SealCallback, checkpoint_problem
 from mft_bench.train.config import TrainConfig
 from mft_bench.train.precision import autocast_arguments
 from mft_bench.train.sampling import EpochSeededLengthGroupedSampler, sequence_lengths
@@ -137,15 +137,18 @@ def total_steps(config: TrainConfig, steps_per_epoch: int) -> int:
 
 
 def last_checkpoint(output_dir: Path) -> Path | None:
-    """Newest complete Trainer checkpoint (``trainer_state.json`` is written last), or None."""
+    """Newest Trainer checkpoint that is complete and intact (its files match its seal, ``SealCallback``), or
+    None. A damaged newer one is passed over, with one line saying why."""
     if not output_dir.is_dir():
         return None
-    found = []
-    for child in output_dir.iterdir():
-        match = _CHECKPOINT_RE.match(child.name)
-        if match and (child / "trainer_state.json").is_file():
-            found.append((int(match.group(1)), child))
-    return max(found)[1] if found else None
+    found = sorted(((int(m.group(1)), child) for child in output_dir.iterdir()
+                    if (m := _CHECKPOINT_RE.match(child.name))), reverse=True)
+    for _, child in found:
+        problem = checkpoint_problem(child)
+        if problem is None:
+            return child
+        logger.warning("not resuming from %s: %s; trying an older checkpoint", child.name, problem)
+    return None
 
 
 def training_arguments(
@@ -256,6 +259,7 @@ def run_arm(
                 max_steps, steps_per_epoch, exports, args.save_steps)
 
     export_callback = ExportCallback(exporter, exports, evaluate=eval_dataset is not None)
+    seal_callback = SealCallback()
     sharded_on_cpu = config.strategy == "fsdp" and args.world_size > 1 and not has_accelerator()
     with fsdp_on_cpu() if sharded_on_cpu else contextlib.nullcontext():
         trainer = trainer_cls(
@@ -265,15 +269,17 @@ def run_arm(
             eval_dataset=eval_dataset,
             processing_class=tokenizer,
             data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-            callbacks=[*callbacks, export_callback],  # arm callbacks (mask refresh) run before the export
+            callbacks=[*callbacks, seal_callback, export_callback],  # arm callbacks (mask refresh) first
         )
         export_callback.bind(trainer)
+        seal_callback.bind(trainer)
         resume = last_checkpoint(output_dir)
         if resume is not None:
             logger.info("resuming from %s", resume)
         trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
         trainer.accelerator.wait_for_everyone()
-    export_callback.bind(None)  # the callback's reference would keep the Trainer (and its optimizer) alive
+    export_callback.bind(None)  # the callbacks' references would keep the Trainer (and its optimizer) alive
+    seal_callback.bind(None)
     return trainer
 
 
