@@ -32,7 +32,7 @@ from mft_bench.plan import (
     retire_folder,
     stages_to_force,
 )
-from mft_bench.recipe import MASK_BASELINES, Recipe, recipe_yaml
+from mft_bench.recipe import MASK_BASELINES, TRAINED_ARMS, Recipe, recipe_yaml
 from mft_bench.run_folder import RunLock, reopen_stage, stage_problem
 
 logger = logging.getLogger(__name__)
@@ -158,13 +158,13 @@ def train_config(recipe: Recipe, arm: str, world_size: int, device_bytes: int | 
     """The arm's ``TrainConfig`` on ``world_size`` processes: accumulation from the global batch (refused when it
     cannot be made exactly), strategy resolved, compute dtype = the backbone's."""
     from mft_bench.train import TrainConfig
-    from mft_bench.train.strategy import resolve_strategy
+    from mft_bench.train.strategy import SHARDABLE_ARMS, resolve_strategy
 
-    spec = getattr(recipe, arm)
+    spec = recipe.train_spec(arm)
     fields = spec.model_dump()
     for extra in ("r", "alpha", "dropout", "target_modules", "global_batch_size", "strategy"):
         fields.pop(extra, None)
-    needs_size = spec.strategy == "auto" and arm == "fft" and world_size > 1 and device_bytes
+    needs_size = spec.strategy == "auto" and arm in SHARDABLE_ARMS and world_size > 1 and device_bytes
     strategy = resolve_strategy(arm, spec.strategy, world_size=world_size,
                                 replica_bytes=replica_bytes(recipe, arm, world_size) if needs_size else None,
                                 device_bytes=device_bytes)
@@ -180,11 +180,11 @@ def replica_bytes(recipe: Recipe, arm: str, world_size: int = 1) -> int | None:
     shape = shape_for_backbone(recipe.backbone.name)
     if shape is None:
         return None
-    spec = getattr(recipe, arm)
+    spec = recipe.train_spec(arm)
     dtype_bytes = 4 if recipe.backbone.dtype == "float32" else 2
     micro = spec.per_device_batch_size * recipe.data.max_length
     kwargs = {"mask_layers": list(recipe.mask.layers)} if arm == "mft" else {}
-    estimate = estimate_training(shape, arm, 0, hardware=cpu_hardware(1), dtype_bytes=dtype_bytes,
+    estimate = estimate_training(shape, "fft" if arm == "fft_continued" else arm, 0, hardware=cpu_hardware(1), dtype_bytes=dtype_bytes,
                                  gradient_checkpointing=spec.gradient_checkpointing, micro_batch_tokens=micro,
                                  seq_len=recipe.data.max_length,
                                  master_weights=spec.precision == "mixed" and dtype_bytes < 4, **kwargs)
@@ -261,6 +261,11 @@ def run_train_stage(recipe: Recipe, stage: Stage, stages: dict[str, Stage], mode
                                "gradient_accumulation_steps": config.gradient_accumulation_steps}
     if stage.name == "fft":
         result = train_fft(copy.deepcopy(models.backbone()), tokenizer, train_ds, val_ds, config, work)
+    elif stage.name == "fft_continued":
+        outputs["start"] = mask_start(recipe, stage, stages)
+        model = copy.deepcopy(models.fft_model(stages["fft"], outputs["start"]["step"]))
+        result = train_fft(model, tokenizer, train_ds, val_ds, config, work)
+        del model
     elif stage.name == "mft":
         outputs["start"] = mask_start(recipe, stage, stages)
         model = copy.deepcopy(models.fft_model(stages["fft"], outputs["start"]["step"]))
@@ -415,7 +420,7 @@ def _loadable_by_name(backbone) -> bool:
 def preflight(recipe: Recipe, models: ModelCache, world_size: int) -> None:
     """Check what can only be checked against the model or the machine before any stage starts: a bad layer band,
     module name or batch split fails now, not after an hour of FFT."""
-    for arm in ("fft", "mft", "lora"):
+    for arm in TRAINED_ARMS:
         if arm in recipe.arms:
             train_config(recipe, arm, world_size, _device_bytes())
     from mft_bench.evaluation.registry import CODE_BENCHMARKS

@@ -18,7 +18,7 @@ from typing import Any
 
 from mft_bench.atomic import write_json_atomic
 from mft_bench.errors import MftBenchError
-from mft_bench.recipe import MASK_BASELINES, Recipe, stable_hash
+from mft_bench.recipe import MASK_BASELINES, TRAINED_ARMS, Recipe, stable_hash
 from mft_bench.run_folder import MANIFEST, file_inventory
 
 # bump when a stage's on-disk output format or semantics change
@@ -70,7 +70,7 @@ def _place(stage: Stage, upstream: dict[str, str], env: dict[str, str], run_dir:
     stage.folder = run_dir / "stages" / f"{stage.name}-{stage.hash}"
 
 
-TRAIN_ARMS = ("fft", "mft", "lora")
+TRAIN_ARMS = TRAINED_ARMS
 LAST = "last"
 # benchmarks with a held-out validation split of their own (option ``split``), used for checkpoint selection
 VALIDATION_BENCHMARKS = ("synthetic_math",)
@@ -82,7 +82,7 @@ def checkpoint_labels(recipe: Recipe, arm: str) -> list[str]:
     before training: the count follows from ``epochs / save_every``, the steps are resolved when it ran."""
     if recipe.evaluation.checkpoints != "all" or arm not in TRAIN_ARMS:
         return [LAST]
-    return [f"ckpt-{i}" for i in range(1, getattr(recipe, arm).export_count)] + [LAST]
+    return [f"ckpt-{i}" for i in range(1, recipe.train_spec(arm).export_count)] + [LAST]
 
 
 def checkpoint_index(label: str, export_count: int) -> int:
@@ -117,6 +117,10 @@ def build_plan(recipe: Recipe, run_dir: Path) -> list[Stage]:
     if "mft" in recipe.arms:
         add(Stage("mft", "train", {"train": recipe.mft.model_dump(mode="json"), "mask": mask, "seed": recipe.seed},
                   deps=["data", "fft", *start_deps], arm="mft"))
+    if "fft_continued" in recipe.arms:  # the compute-matched control of MFT, from the same FFT checkpoint
+        add(Stage("fft_continued", "train", {"train": recipe.train_spec("fft_continued").model_dump(mode="json"),
+                                             "start_from": recipe.mask.start_from, "seed": recipe.seed},
+                  deps=["data", "fft", *start_deps], arm="fft_continued"))
     if "lora" in recipe.arms:
         add(Stage("lora", "train", {"train": recipe.lora.model_dump(mode="json"), "backbone": backbone,
                                     "seed": recipe.seed}, deps=["data"], arm="lora"))

@@ -156,7 +156,7 @@ def _saves(recipe: Recipe, arm: str, counts: DataCounts, nproc: int) -> tuple[in
     resume interval, at every export step and at the end."""
     from mft_bench.train.trainer import export_steps, updates_per_epoch
 
-    spec = getattr(recipe, arm)
+    spec = recipe.train_spec(arm)
     per_epoch = updates_per_epoch(counts.train_rows, spec.per_device_batch_size, spec.accumulation_steps(nproc), nproc)
     max_steps = spec.max_steps if spec.max_steps > 0 else math.ceil(spec.epochs * per_epoch)
     exports = set(export_steps(spec.export_count, max_steps))
@@ -170,7 +170,7 @@ def _train_cost(ctx: _Context, stage: Stage) -> StageCost:
     from mft_bench.train.strategy import resolve_strategy
 
     recipe, arm, counts, hw = ctx.recipe, stage.name, ctx.counts, ctx.hardware
-    spec = getattr(recipe, arm)
+    spec = recipe.train_spec(arm)
     master = spec.precision == "mixed" and ctx.dtype_bytes < 4
     tokens = (int(spec.max_steps * spec.global_batch_size * counts.mean_row_tokens) if spec.max_steps > 0
               else int(counts.train_tokens * spec.epochs))
@@ -180,11 +180,12 @@ def _train_cost(ctx: _Context, stage: Stage) -> StageCost:
     common = dict(hardware=hw, dtype_bytes=ctx.dtype_bytes, master_weights=master,
                   gradient_checkpointing=spec.gradient_checkpointing, **kwargs)
     row = max(int(counts.mean_row_tokens), 1)
-    timed = estimate_training(ctx.shape, arm, tokens, seq_len=row, micro_batch_tokens=spec.per_device_batch_size * row,
+    costed = "fft" if arm == "fft_continued" else arm  # the same update as FFT, for MFT's length
+    timed = estimate_training(ctx.shape, costed, tokens, seq_len=row, micro_batch_tokens=spec.per_device_batch_size * row,
                               tokens_per_step=spec.global_batch_size * row, **common)
     # memory with the longest rows a micro-batch can hold, as the run sizes its replica
     longest = recipe.data.max_length
-    peak = estimate_training(ctx.shape, arm, 0, seq_len=longest, micro_batch_tokens=spec.per_device_batch_size * longest,
+    peak = estimate_training(ctx.shape, costed, 0, seq_len=longest, micro_batch_tokens=spec.per_device_batch_size * longest,
                              **common)
     replica = replica_bytes(recipe, arm, ctx.nproc)
     strategy = resolve_strategy(arm, spec.strategy, world_size=ctx.nproc, replica_bytes=replica,

@@ -19,9 +19,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mft_bench.data import SourceSpec
 from mft_bench.errors import MftBenchError
 
-ARMS = ("baseline", "fft", "mft", "lora", "random_mask", "magnitude_mask", "l1_mask")
+ARMS = ("baseline", "fft", "mft", "lora", "random_mask", "magnitude_mask", "l1_mask", "fft_continued")
 # arms that need the FFT model first
-NEEDS_FFT = ("mft", "random_mask", "magnitude_mask", "l1_mask")
+NEEDS_FFT = ("mft", "random_mask", "magnitude_mask", "l1_mask", "fft_continued")
+# arms with a training stage of their own (see Recipe.train_spec)
+TRAINED_ARMS = ("fft", "mft", "lora", "fft_continued")
+# the compute-matched control: FFT trained on for exactly MFT's steps, rows and order (MFT's length, FFT's update)
+LENGTH_OF_MFT = ("epochs", "max_steps", "global_batch_size", "per_device_batch_size", "save_every", "group_by_length")
 # mask baselines: arm -> mask kind (masking.baselines); l1_mask is the paper's structured "L1 mask"
 MASK_BASELINES = {"random_mask": "random", "magnitude_mask": "magnitude", "l1_mask": "l1_rows"}
 # training arms whose every process needs the whole model (they cannot shard weights)
@@ -192,7 +196,8 @@ class Recipe(_Strict):
     seed: int = 0
     backbone: BackboneSpec = Field(default_factory=BackboneSpec)
     data: DataSpec
-    arms: list[Literal["baseline", "fft", "mft", "lora", "random_mask", "magnitude_mask", "l1_mask"]] = Field(
+    arms: list[Literal["baseline", "fft", "mft", "lora", "random_mask", "magnitude_mask", "l1_mask",
+                       "fft_continued"]] = Field(
         default_factory=lambda: list(ARMS), min_length=1
     )
     mask: MaskRecipe
@@ -228,6 +233,17 @@ class Recipe(_Strict):
             raise ValueError("precision pure with backbone.dtype float16: fp16 weights cannot be trained without an "
                              "fp32 master copy; use precision mixed or bfloat16")
         return self
+
+    def train_spec(self, arm: str) -> TrainSpec:
+        """The training settings of a trained arm. ``fft_continued``, the compute-matched control of MFT, keeps
+        training the FFT model MFT starts from with FFT's settings (learning rate, schedule shape, precision) for
+        MFT's length: the same optimizer steps on the same rows in the same order (the row order is a function of
+        the seed and the global batch)."""
+        if arm == "fft_continued":
+            return self.fft.model_copy(update={name: getattr(self.mft, name) for name in LENGTH_OF_MFT})
+        if arm not in TRAINED_ARMS:
+            raise ValueError(f"{arm} has no training stage")
+        return getattr(self, arm)
 
     def content_hash(self) -> str:
         return stable_hash(self.model_dump(mode="json"))

@@ -242,3 +242,28 @@ def test_lm_eval_task_through_the_pipeline(tmp_path, shared_data, monkeypatch):
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     rows = [row for row in report["rows"] if row["benchmark"] == "lm_eval:gsm8k_local"]
     assert rows and all(row["n"] == 2 for row in rows)
+
+
+def test_fft_continued_is_mft_compute_matched(tmp_path):
+    """The control arm trains the FFT model on for exactly MFT's optimizer steps, on the same rows in the same
+    order (equal tokens seen at every step), with FFT's learning rate and schedule shape, and is compared with MFT."""
+    recipe = {**MINI, "name": "mini-control", "arms": ["baseline", "fft", "mft", "fft_continued"]}
+    recipe["mft"] = {**MINI["mft"], "epochs": 1}  # MFT shorter than FFT: the control follows MFT's length
+    path = tmp_path / "control.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["run", str(path), "--out", str(tmp_path / "run")]) == 0
+    stages = tmp_path / "run" / "stages"
+
+    def history(arm: str) -> list[dict]:
+        (folder,) = stages.glob(f"{arm}-*/log_history.json")
+        return [e for e in json.loads(folder.read_text()) if "loss" in e]
+
+    mft, control, fft = history("mft"), history("fft_continued"), history("fft")
+    assert [e["step"] for e in control] == [e["step"] for e in mft] and len(control) < len(fft)
+    assert [e["num_input_tokens_seen"] for e in control] == [e["num_input_tokens_seen"] for e in mft]
+    assert control[0]["learning_rate"] == fft[0]["learning_rate"] == MINI["fft"]["learning_rate"]  # no warmup
+    assert control[-1]["learning_rate"] < control[0]["learning_rate"]  # FFT's linear decay, over MFT's length
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["mask_start"]["fft_continued"]["step"] == run["mask_start"]["mft"]["step"]
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert any(c["arm_a"] == "mft" and c["arm_b"] == "fft_continued" for c in report["comparisons"])

@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 # accelerate launch --config_file <fsdp|deepspeed>.yaml sets these for every Accelerator of the process, which
 # would shard MFT and LoRA too; mft-bench chooses each arm's strategy itself.
 LAUNCHER_STRATEGY_VARIABLES = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
+# full fine-tuning (and its compute-matched continuation) may shard; MFT and LoRA read whole weights
+SHARDABLE_ARMS = ("fft", "fft_continued")
 
 
 def resolve_strategy(arm: str, requested: str, *, world_size: int, replica_bytes: int | None,
@@ -32,12 +34,12 @@ def resolve_strategy(arm: str, requested: str, *, world_size: int, replica_bytes
     device. Unknown sizes count as fitting."""
     if requested not in ("auto", "ddp", "fsdp"):
         raise MftBenchError(f"{arm}.strategy must be auto, ddp or fsdp, got {requested!r}")
-    if requested == "fsdp" and arm != "fft":
-        raise MftBenchError(f"{arm}.strategy fsdp: only the fft arm can shard its weights; use ddp or auto")
+    if requested == "fsdp" and arm not in SHARDABLE_ARMS:
+        raise MftBenchError(f"{arm}.strategy fsdp: only full fine-tuning can shard its weights; use ddp or auto")
     if requested != "auto":
         return requested
     too_big = bool(replica_bytes and device_bytes and replica_bytes > device_bytes)
-    return "fsdp" if arm == "fft" and world_size > 1 and too_big else "ddp"
+    return "fsdp" if arm in SHARDABLE_ARMS and world_size > 1 and too_big else "ddp"
 
 
 def refuse_launcher_strategy() -> None:
