@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 
 from mft_bench.data import SourceSpec, build_splits  # noqa: E402
 from mft_bench.data import synthetic_math  # noqa: E402
-from mft_bench.data.mixture import validation_quotas  # noqa: E402
+from mft_bench.data.official import validation_quotas  # noqa: E402
 from mft_bench.errors import MftBenchError  # noqa: E402
 
 SHARED_GSM8K = Path("/work/shared/data/gsm8k/train.jsonl")
@@ -79,17 +79,33 @@ def test_synthetic_source_cuts_its_generator_order():
 
 
 def test_validation_quotas_follow_the_mixture():
-    assert validation_quotas([10000] * 6, 1000) == [167, 167, 167, 167, 166, 166]
-    assert validation_quotas([10000] * 3, 1000) == [334, 333, 333]
-    assert validation_quotas([10, 30], 8) == [2, 6]
-    assert sum(validation_quotas([3, 5, 7], 11)) == 11
+    unbounded = [None] * 6
+    assert validation_quotas([10000] * 6, 1000, unbounded) == [167, 167, 167, 167, 166, 166]
+    assert validation_quotas([10000] * 3, 1000, unbounded[:3]) == [334, 333, 333]
+    assert validation_quotas([10, 30], 8, [100, 100]) == [2, 6]
+    assert sum(validation_quotas([3, 5, 7], 11, [None, None, None])) == 11
+    # a source with few rows beyond its N (oasst1: 7000 of 7132) gives what it has, the others the rest
+    assert validation_quotas([10000, 7000, 9000], 1000, [5000, 132, 100000]) == [457, 132, 411]
+    assert validation_quotas([10, 10], 4, [0, 9]) == [0, 4]
+    with pytest.raises(MftBenchError, match="only 3 rows beyond their training rows; lower validation_rows"):
+        validation_quotas([10, 10], 4, [1, 2])
+
+
+def test_short_sources_give_what_they_have(tmp_path):
+    a, b = _write(tmp_path / "a.jsonl", "a", 11), _write(tmp_path / "b.jsonl", "b", 40)
+    sources = [SourceSpec(name=str(a), rows=10), SourceSpec(name=str(b), rows=10)]
+    splits = build_splits(sources, seed=0, validation_rows=6, selection="official")
+    assert _ids(splits["train"]) == _official(a, 0, 10) + _official(b, 0, 10)
+    assert _ids(splits["validation"]) == _official(a, 10, 11) + _official(b, 10, 15)
 
 
 def test_bad_official_selections_say_what_to_change(tmp_path):
     source = _write(tmp_path / "a.jsonl", "a", 20)
     with pytest.raises(MftBenchError, match="trains on every row when rows is unset.*set rows"):
         build_splits([SourceSpec(name=str(source))], seed=0, validation_rows=2, selection="official")
-    with pytest.raises(MftBenchError, match=r"rows 18 \+ 3 validation rows asked but it has only 20"):
+    with pytest.raises(MftBenchError, match="rows 21 asked but it has only 20; lower rows"):
+        build_splits([SourceSpec(name=str(source), rows=21)], seed=0, validation_rows=3, selection="official")
+    with pytest.raises(MftBenchError, match="have only 2 rows beyond their training rows"):
         build_splits([SourceSpec(name=str(source), rows=18)], seed=0, validation_rows=3, selection="official")
     with pytest.raises(MftBenchError, match="data.selection must be one of seeded, official"):
         build_splits([SourceSpec(name=str(source), rows=5)], seed=0, validation_rows=3, selection="random")

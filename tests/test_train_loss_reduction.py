@@ -124,6 +124,19 @@ def test_sequence_evaluation_loss_is_the_mean_over_sequences(tmp_path):
     assert trainer.evaluate(data)["eval_loss"] == pytest.approx(sum(means) / len(means), rel=1e-4)
 
 
+def test_train_fft_uses_the_configured_reduction(tmp_path):
+    from mft_bench.train import train_fft
+
+    model, tokenizer = tiny_setup()
+    data = rows_of_different_lengths()
+    expected = manual_gradients(copy.deepcopy(model), data, reduction="sequence")
+    config = TrainConfig(max_steps=1, learning_rate=1e-3, warmup_ratio=0.0, per_device_batch_size=1,
+                         gradient_accumulation_steps=len(data), max_grad_norm=0.0, loss_reduction="sequence")
+    capture = GradientsBeforeStep()
+    train_fft(model, tokenizer, data, None, config, tmp_path, callbacks=[capture])
+    assert_same(capture.grads, expected)
+
+
 def test_unknown_reduction_is_refused():
     with pytest.raises(MftBenchError, match="train.loss_reduction must be one of token, sequence"):
         TrainConfig(loss_reduction="mean")

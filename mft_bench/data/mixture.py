@@ -6,7 +6,8 @@ import logging
 import random
 from collections.abc import Sequence
 
-from mft_bench.data.sources import SourceSpec, load_conversations, load_official, require_rows
+from mft_bench.data.official import official_splits
+from mft_bench.data.sources import SourceSpec, load_conversations
 from mft_bench.errors import MftBenchError
 
 logger = logging.getLogger(__name__)
@@ -28,10 +29,8 @@ def build_splits(
 
     ``seeded``: each source is shuffled with ``seed`` and cut to its ``rows``; the sources are concatenated,
     shuffled again (seeded), and the last ``validation_rows`` conversations of that pool become the validation
-    split. ``official``: the training split is exactly the official code's (each source's rows as
-    ``load_official`` selects them, concatenated in recipe order as its ``concatenate_datasets``; the trainer's
-    sampler shuffles); the validation rows come from beyond each source's rows, split over the sources in
-    proportion to their rows.
+    split. ``official``: exactly the official code's training rows, validation rows from beyond them
+    (``mft_bench.data.official``).
     """
     if selection not in SELECTIONS:
         raise MftBenchError(f"data.selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
@@ -46,7 +45,7 @@ def build_splits(
                 f"data must come from a non-test split (e.g. split: train)"
             )
     if selection == "official":
-        return _official_splits(sources, seed=seed, validation_rows=validation_rows, data_dir=data_dir)
+        return official_splits(sources, seed=seed, validation_rows=validation_rows, data_dir=data_dir)
     pool: list[list[dict]] = []
     for source in sources:
         pool.extend(load_conversations(source, seed=seed, data_dir=data_dir))
@@ -60,31 +59,3 @@ def build_splits(
     cut = len(pool) - validation_rows
     logger.info("mixture: %d train, %d validation conversations from %d sources", cut, validation_rows, len(sources))
     return {"train": pool[:cut], "validation": pool[cut:]}
-
-
-def validation_quotas(rows: Sequence[int], validation_rows: int) -> list[int]:
-    """``validation_rows`` split over sources in proportion to their ``rows`` (largest remainders, ties to the
-    earlier source), so each source's validation share matches its share of the training mixture."""
-    total = sum(rows)
-    exact = [validation_rows * r / total for r in rows]
-    quotas = [int(x) for x in exact]
-    by_remainder = sorted(range(len(rows)), key=lambda i: (-(exact[i] - quotas[i]), i))
-    for i in by_remainder[: validation_rows - sum(quotas)]:
-        quotas[i] += 1
-    return quotas
-
-
-def _official_splits(
-    sources: Sequence[SourceSpec], *, seed: int, validation_rows: int, data_dir: str | None
-) -> dict[str, list[list[dict]]]:
-    for source in sources:
-        require_rows(source)
-    train: list[list[dict]] = []
-    validation: list[list[dict]] = []
-    for source, quota in zip(sources, validation_quotas([s.rows for s in sources], validation_rows)):
-        rows, held = load_official(source, validation_rows=quota, seed=seed, data_dir=data_dir)
-        train += rows
-        validation += held
-    logger.info("mixture (official selection): %d train, %d validation conversations from %d sources",
-                len(train), len(validation), len(sources))
-    return {"train": train, "validation": validation}

@@ -2,8 +2,7 @@
 
 A ``SourceSpec`` names one source; ``load_conversations`` reads it, takes ``rows`` rows after a seeded shuffle
 (the paper's mixtures: N rows from each source) and converts each row to a chat conversation.
-``load_official`` takes the rows the official MFT code trains on instead (``official_positions``), and rows
-beyond them for validation.
+``read_table`` and ``convert_rows`` serve other selections (``mft_bench.data.official``).
 
 How ``kind: auto`` resolves ``name``:
 1. ``synthetic_math`` -> the project's generator (``mft_bench.data.synthetic_math``);
@@ -32,8 +31,6 @@ logger = logging.getLogger(__name__)
 
 SYNTHETIC_NAMES = ("synthetic_math",)
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-# The official get_datasets (scripts/utils.py) shuffles every source with this seed, whatever the run's seed.
-OFFICIAL_SEED = 42
 
 
 class SourceSpec(BaseModel):
@@ -124,22 +121,10 @@ def sample_indices(total: int, rows: int | None, seed: int) -> list[int]:
     return order if rows is None else order[:rows]
 
 
-def official_positions(total: int) -> list[int]:
-    """Row positions of a ``total``-row table in the order ``datasets.Dataset.shuffle(seed=42)`` gives it.
-
-    The official code trains on ``load_dataset(...).shuffle(seed=42).select(range(N))`` of each source (no
-    filtering before the cut). ``shuffle`` draws ``numpy.random.default_rng(seed).permutation(len(table))``, which
-    depends on the length alone, so shuffling an index column of the same length gives the same rows.
-    """
-    import datasets
-
-    index = datasets.Dataset.from_dict({"row": list(range(total))})
-    return list(index.shuffle(seed=OFFICIAL_SEED)["row"])
-
-
-def _convert(
+def convert_rows(
     source: SourceSpec, rows: list[dict[str, Any]], columns: list[str], positions: list[int]
 ) -> list[list[dict]]:
+    """Conversations of ``rows`` (the table rows at ``positions``, named in errors) in the source's format."""
     fmt = source.format
     try:
         if fmt == "auto":
@@ -160,6 +145,14 @@ def _convert(
     return conversations
 
 
+def read_table(source: SourceSpec, data_dir: str | None = None) -> tuple[str, Path | None, datasets.Dataset | None]:
+    """``(kind, path, table)`` of a source: its whole table as ``datasets`` loads it (None for the generator)."""
+    kind, path = resolve(source, data_dir)
+    if kind == "synthetic":
+        return kind, None, None
+    return kind, path, _read_local(source, path) if kind == "local" else _read_hub(source)
+
+
 def load_conversations(source: SourceSpec, *, seed: int, data_dir: str | None = None) -> list[list[dict]]:
     """The conversations of ``source``: ``rows`` of them after a seeded shuffle (all, shuffled, when None).
 
@@ -169,7 +162,7 @@ def load_conversations(source: SourceSpec, *, seed: int, data_dir: str | None = 
     if kind == "synthetic":
         n = source.rows if source.rows is not None else synthetic_math.DEFAULT_ROWS.get(source.split, 0)
         rows = synthetic_math.generate(source.split, n, seed)  # already seeded and shuffled
-        conversations = _convert(source, rows, ["question", "answer"], list(range(len(rows))))
+        conversations = convert_rows(source, rows, ["question", "answer"], list(range(len(rows))))
     else:
         table = _read_local(source, path) if kind == "local" else _read_hub(source)
         if source.rows is not None and source.rows > len(table):
@@ -177,47 +170,7 @@ def load_conversations(source: SourceSpec, *, seed: int, data_dir: str | None = 
                 f"data source '{source.name}': rows {source.rows} asked but it has only {len(table)}; lower rows"
             )
         positions = sample_indices(len(table), source.rows, seed)
-        conversations = _convert(source, table.select(positions).to_list(), table.column_names, positions)
+        conversations = convert_rows(source, table.select(positions).to_list(), table.column_names, positions)
     where = path if kind == "local" else kind
     logger.info("data source %s (%s): %d conversations", source.name, where, len(conversations))
     return conversations
-
-
-def require_rows(source: SourceSpec) -> None:
-    """The official selection needs a row count: without one it trains on every row, leaving none to validate on."""
-    if source.rows is None:
-        raise MftBenchError(
-            f"data source '{source.name}': data.selection official trains on every row when rows is unset, leaving "
-            f"none beyond them for validation; set rows (the official dataset_mixer count)"
-        )
-
-
-def load_official(
-    source: SourceSpec, *, validation_rows: int, seed: int, data_dir: str | None = None
-) -> tuple[list[list[dict]], list[list[dict]]]:
-    """The official code's training rows of ``source`` and ``validation_rows`` more for validation.
-
-    Training: the first ``rows`` of ``official_positions`` (all the rows the official code trains on, none held
-    out); validation: the next ``validation_rows`` of the same order, so no validation row is ever trained on.
-    A synthetic source has no official order: its generator's own (seeded) order is cut the same way.
-    """
-    require_rows(source)
-    wanted = source.rows + validation_rows
-    kind, path = resolve(source, data_dir)
-    if kind == "synthetic":
-        rows = synthetic_math.generate(source.split, wanted, seed)  # already seeded and shuffled
-        positions, columns = list(range(len(rows))), ["question", "answer"]
-    else:
-        table = _read_local(source, path) if kind == "local" else _read_hub(source)
-        if wanted > len(table):
-            raise MftBenchError(
-                f"data source '{source.name}': rows {source.rows} + {validation_rows} validation rows asked but it "
-                f"has only {len(table)}; lower rows or data.validation_rows"
-            )
-        positions = official_positions(len(table))[:wanted]
-        rows, columns = table.select(positions).to_list(), table.column_names
-    conversations = _convert(source, rows, columns, positions)
-    where = path if kind == "local" else kind
-    logger.info("data source %s (%s): %d training conversations as the official code selects them, %d beyond them "
-                "for validation", source.name, where, source.rows, validation_rows)
-    return conversations[: source.rows], conversations[source.rows:]
