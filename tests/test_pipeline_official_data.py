@@ -60,3 +60,19 @@ def test_paper_recipes_train_as_the_official_code(path):
     assert (recipe.data.selection, recipe.data.chat_template) == ("official", "tulu")
     assert {getattr(recipe, arm).loss_reduction for arm in ("fft", "mft", "lora")} == {"sequence"}
     assert all(source.rows for source in recipe.data.sources)  # the official counts: validation comes beyond them
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"data": {"selection": "random"}}, "data.selection: Input should be 'seeded' or 'official'"),
+    ({"data": {"chat_template": "llama3"}}, "data.chat_template: Input should be 'tokenizer' or 'tulu'"),
+    ({"fft": {"loss_reduction": "mean"}}, "fft.loss_reduction: Input should be 'token' or 'sequence'"),
+])
+def test_bad_values_are_one_line_errors(tmp_path, change, message):
+    from mft_bench.errors import MftBenchError
+
+    data = _recipe(tmp_path / "unused.jsonl")
+    for section, values in change.items():
+        data[section] = {**data[section], **values}
+    with pytest.raises(MftBenchError) as error:
+        validate_recipe(data)
+    assert message in str(error.value) and "\n" not in str(error.value)
