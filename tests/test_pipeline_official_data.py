@@ -59,6 +59,7 @@ def test_paper_recipes_train_as_the_official_code(path):
     recipe = load_recipe(path)
     assert (recipe.data.selection, recipe.data.chat_template) == ("official", "tulu")
     assert {getattr(recipe, arm).loss_reduction for arm in ("fft", "mft", "lora")} == {"sequence"}
+    assert not any(getattr(recipe, arm).group_by_length for arm in ("fft", "mft", "lora"))  # official: shuffled
     assert all(source.rows for source in recipe.data.sources)  # the official counts: validation comes beyond them
 
 

@@ -101,7 +101,7 @@ class ArmTrainer(Trainer):
         if num_sequences is None:
             loss = means.sum() / max(int(labelled.sum()), 1)
         else:
-            loss = means.sum() / num_sequences * self.accelerator.num_processes
+            loss = means.sum() / max(num_sequences, 1) * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
 
     def _get_num_items_in_batch(self, batch_samples, device):
