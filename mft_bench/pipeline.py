@@ -128,11 +128,12 @@ def run_data_stage(recipe: Recipe, stage: Stage, models: ModelCache) -> dict[str
     from mft_bench.data import build_splits, tokenize_conversations
 
     splits = build_splits(recipe.data.sources, seed=recipe.seed, validation_rows=recipe.data.validation_rows,
-                          data_dir=recipe.data.data_dir)
+                          data_dir=recipe.data.data_dir, selection=recipe.data.selection)
     stage.folder.mkdir(parents=True, exist_ok=True)
     counts = {}
     for split, conversations in splits.items():
-        dataset = tokenize_conversations(conversations, models.tokenizer(), max_length=recipe.data.max_length)
+        dataset = tokenize_conversations(conversations, models.tokenizer(), max_length=recipe.data.max_length,
+                                         chat_template=recipe.data.chat_template)
         tmp = _fresh_tmp_dir(stage.folder / split)
         dataset.save_to_disk(str(tmp))
         _replace_dir(tmp, stage.folder / split)

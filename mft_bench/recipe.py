@@ -50,10 +50,18 @@ class BackboneSpec(_Strict):
 
 
 class DataSpec(_Strict):
+    """Training data. ``selection``: ``seeded`` draws each source's ``rows`` with the recipe seed and carves the
+    validation rows off the shuffled mixture; ``official`` takes the rows the official MFT code trains on (each
+    source ``shuffle(seed=42).select(range(rows))`` with ``datasets``) and the validation rows from beyond them.
+    ``chat_template``: ``tokenizer`` formats with the tokenizer's own template (Tulu's when it has none);
+    ``tulu`` with the official code's Tulu template for every backbone (``mft_bench.data.formatting``)."""
+
     sources: list[SourceSpec] = Field(min_length=1)
     validation_rows: int = Field(default=32, ge=1)
     max_length: int = Field(default=1024, ge=8)
     data_dir: str | None = None
+    selection: Literal["seeded", "official"] = "seeded"
+    chat_template: Literal["tokenizer", "tulu"] = "tokenizer"
 
 
 class TrainSpec(_Strict):
@@ -66,6 +74,8 @@ class TrainSpec(_Strict):
     2e-5 loses most updates: a step is below half a bf16 ulp for |w| ~ 0.02).
     ``strategy``: how the arm spreads over processes: ``ddp`` replicates the model, ``fsdp`` shards weights,
     gradients and optimizer state (FFT only), ``auto`` shards FFT only when a replica would not fit a GPU.
+    ``loss_reduction``: ``token`` averages the loss over every labelled token of an optimizer step; ``sequence``
+    averages each sequence's own token mean over the step's sequences (the official code's micro-batch-1 loss).
     """
 
     epochs: float = Field(default=2.0, gt=0)
@@ -83,6 +93,7 @@ class TrainSpec(_Strict):
     save_every: float | None = Field(default=None, gt=0)  # fraction of an epoch between exports (paper: 1/3)
     resume_every_steps: int | None = Field(default=None, ge=1)  # optimizer steps between resume checkpoints
     group_by_length: bool = True
+    loss_reduction: Literal["token", "sequence"] = "token"
 
     @property
     def export_count(self) -> int:

@@ -1,7 +1,9 @@
 """Chat-format conversations into token ids with loss on assistant tokens only.
 
-The text of a conversation is the tokenizer's chat template, or, when it has none, the plain Tulu-style template
-of the official MFT code (``mft_bench.backbone.PLAIN_CHAT_TEMPLATE``)::
+The text of a conversation is, with ``chat_template="tokenizer"`` (the default), the tokenizer's chat template, or,
+when it has none, the plain Tulu-style template (``mft_bench.backbone.PLAIN_CHAT_TEMPLATE``); with
+``chat_template="tulu"``, the official MFT code's Tulu template for every tokenizer
+(``mft_bench.backbone.TULU_CHAT_TEMPLATE``, what its ``finetune.py`` trains with by default)::
 
     <|user|>
     {question}
@@ -52,16 +54,25 @@ class FormatStats:
         return cls(**json.loads(dataset.info.description))
 
 
-def chat_template_of(tokenizer: Any) -> str:
-    """The tokenizer's own chat template, else the plain Tulu-style one."""
-    from mft_bench.backbone import PLAIN_CHAT_TEMPLATE
+CHAT_TEMPLATES = ("tokenizer", "tulu")
 
+
+def chat_template_of(tokenizer: Any, choice: str = "tokenizer") -> str:
+    """``tokenizer``: the tokenizer's own chat template, else the plain Tulu-style one; ``tulu``: the official
+    code's Tulu template whatever the tokenizer has."""
+    from mft_bench.backbone import PLAIN_CHAT_TEMPLATE, TULU_CHAT_TEMPLATE
+
+    if choice not in CHAT_TEMPLATES:
+        raise MftBenchError(f"data.chat_template must be one of {', '.join(CHAT_TEMPLATES)}, got {choice!r}")
     own = getattr(tokenizer, "chat_template", None)
-    if own:
+    if choice == "tokenizer" and own:
         return own
-    if tokenizer.eos_token is None:  # the plain template ends assistant turns with it
+    if tokenizer.eos_token is None:  # the Tulu templates end assistant turns with it
+        if choice == "tulu":
+            raise MftBenchError("the tokenizer has no eos_token, which ends assistant turns in the Tulu chat format; "
+                                "set one")
         raise MftBenchError("the tokenizer has neither a chat template nor an eos_token; set one of them")
-    return PLAIN_CHAT_TEMPLATE
+    return TULU_CHAT_TEMPLATE if choice == "tulu" else PLAIN_CHAT_TEMPLATE
 
 
 def render_with_spans(messages: Sequence[dict], tokenizer: Any, template: str) -> tuple[str, list[tuple[int, int]]]:
@@ -117,12 +128,12 @@ def _labels_from_prefix_counts(text: str, ids: list[int], spans: list[tuple[int,
 
 
 def tokenize_with_stats(
-    conversations: Sequence[Sequence[dict]], tokenizer: Any, *, max_length: int
+    conversations: Sequence[Sequence[dict]], tokenizer: Any, *, max_length: int, chat_template: str = "tokenizer"
 ) -> tuple[dict[str, list[list[int]]], FormatStats]:
     """Columns ``input_ids``, ``attention_mask``, ``labels`` and what was truncated or dropped."""
     if max_length <= 0:
         raise MftBenchError(f"max_length must be > 0, got {max_length}")
-    template = chat_template_of(tokenizer)
+    template = chat_template_of(tokenizer, chat_template)
     rendered = [render_with_spans(conv, tokenizer, template) for conv in conversations]
     texts = [text for text, _ in rendered]
     fast = bool(getattr(tokenizer, "is_fast", False))
@@ -153,15 +164,16 @@ def tokenize_with_stats(
 
 
 def tokenize_conversations(
-    conversations: Sequence[Sequence[dict]], tokenizer: Any, *, max_length: int
+    conversations: Sequence[Sequence[dict]], tokenizer: Any, *, max_length: int, chat_template: str = "tokenizer"
 ) -> datasets.Dataset:
     """A ``datasets.Dataset`` of ``input_ids``, ``attention_mask``, ``labels`` (-100 outside assistant turns).
 
-    ``FormatStats.from_dataset(ds)`` gives the truncated and dropped counts (also logged).
+    ``chat_template``: ``tokenizer`` or ``tulu`` (module docstring). ``FormatStats.from_dataset(ds)`` gives the
+    truncated and dropped counts (also logged).
     """
     import datasets
 
-    columns, stats = tokenize_with_stats(conversations, tokenizer, max_length=max_length)
+    columns, stats = tokenize_with_stats(conversations, tokenizer, max_length=max_length, chat_template=chat_template)
     features = datasets.Features({name: datasets.Sequence(datasets.Value("int64")) for name in columns})
     info = datasets.DatasetInfo(description=json.dumps(asdict(stats)), features=features)
     return datasets.Dataset.from_dict(columns, info=info)

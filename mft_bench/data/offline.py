@@ -5,6 +5,7 @@ one of ``../shared/data`` on the development machines::
 
     gsm8k/train.jsonl, gsm8k/test.jsonl     (openai/gsm8k, config "main")
     ifeval/input_data.jsonl                 (google/IFEval)
+    humanevalplus/test.jsonl                (evalplus/humanevalplus, the hub repository's test.jsonl)
 
 When a dataset is found there, the hub is never contacted.
 """
@@ -22,6 +23,7 @@ OFFLINE_LAYOUT: dict[str, dict[str, str]] = {
     "gsm8k": {"train": "gsm8k/train.jsonl", "test": "gsm8k/test.jsonl"},
     "google/ifeval": {"train": "ifeval/input_data.jsonl", "test": "ifeval/input_data.jsonl"},
     "ifeval": {"train": "ifeval/input_data.jsonl", "test": "ifeval/input_data.jsonl"},
+    "evalplus/humanevalplus": {"test": "humanevalplus/test.jsonl"},
 }
 
 

@@ -2,6 +2,7 @@
 
 A ``SourceSpec`` names one source; ``load_conversations`` reads it, takes ``rows`` rows after a seeded shuffle
 (the paper's mixtures: N rows from each source) and converts each row to a chat conversation.
+``read_table`` and ``convert_rows`` serve other selections (``mft_bench.data.official``).
 
 How ``kind: auto`` resolves ``name``:
 1. ``synthetic_math`` -> the project's generator (``mft_bench.data.synthetic_math``);
@@ -120,9 +121,10 @@ def sample_indices(total: int, rows: int | None, seed: int) -> list[int]:
     return order if rows is None else order[:rows]
 
 
-def _convert(
+def convert_rows(
     source: SourceSpec, rows: list[dict[str, Any]], columns: list[str], positions: list[int]
 ) -> list[list[dict]]:
+    """Conversations of ``rows`` (the table rows at ``positions``, named in errors) in the source's format."""
     fmt = source.format
     try:
         if fmt == "auto":
@@ -143,6 +145,14 @@ def _convert(
     return conversations
 
 
+def read_table(source: SourceSpec, data_dir: str | None = None) -> tuple[str, Path | None, datasets.Dataset | None]:
+    """``(kind, path, table)`` of a source: its whole table as ``datasets`` loads it (None for the generator)."""
+    kind, path = resolve(source, data_dir)
+    if kind == "synthetic":
+        return kind, None, None
+    return kind, path, _read_local(source, path) if kind == "local" else _read_hub(source)
+
+
 def load_conversations(source: SourceSpec, *, seed: int, data_dir: str | None = None) -> list[list[dict]]:
     """The conversations of ``source``: ``rows`` of them after a seeded shuffle (all, shuffled, when None).
 
@@ -152,7 +162,7 @@ def load_conversations(source: SourceSpec, *, seed: int, data_dir: str | None = 
     if kind == "synthetic":
         n = source.rows if source.rows is not None else synthetic_math.DEFAULT_ROWS.get(source.split, 0)
         rows = synthetic_math.generate(source.split, n, seed)  # already seeded and shuffled
-        conversations = _convert(source, rows, ["question", "answer"], list(range(len(rows))))
+        conversations = convert_rows(source, rows, ["question", "answer"], list(range(len(rows))))
     else:
         table = _read_local(source, path) if kind == "local" else _read_hub(source)
         if source.rows is not None and source.rows > len(table):
@@ -160,7 +170,7 @@ def load_conversations(source: SourceSpec, *, seed: int, data_dir: str | None = 
                 f"data source '{source.name}': rows {source.rows} asked but it has only {len(table)}; lower rows"
             )
         positions = sample_indices(len(table), source.rows, seed)
-        conversations = _convert(source, table.select(positions).to_list(), table.column_names, positions)
+        conversations = convert_rows(source, table.select(positions).to_list(), table.column_names, positions)
     where = path if kind == "local" else kind
     logger.info("data source %s (%s): %d conversations", source.name, where, len(conversations))
     return conversations

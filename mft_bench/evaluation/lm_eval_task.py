@@ -209,6 +209,9 @@ def _user_error(task: str, exc: Exception) -> MftBenchError | None:
     first = message.splitlines()[0][:200] if message else type(exc).__name__
     if isinstance(exc, LookupError) and "punkt" in message:  # IFEval sentence counting without punkt_tab
         return MftBenchError(f"lm-eval task '{task}': " + NLTK_FIX.format(ids="of this task"))
+    if isinstance(exc, ImportError):  # a task's utils.py needs an extra (MATH: sympy, math_verify, antlr4 4.11)
+        return MftBenchError(f"lm-eval task '{task}' needs a package that is not installed ({type(exc).__name__}: "
+                             f"{first}); MATH tasks need pip install 'mft-bench[math]' (lm-eval[math])")
     if _is_data_error(exc):
         return MftBenchError(
             f"lm-eval task '{task}' could not load its dataset ({type(exc).__name__}: {first}); offline, use a task "

@@ -265,25 +265,39 @@ def render_paper_latex(frame: pd.DataFrame) -> str:
 
 
 def paper_table(run_dirs: list[Path], out_dir: Path) -> list[Path]:
-    """Across recipes: domains x arms with deltas vs FFT and the paper's numbers beside.
+    """Across recipes: domains x arms with deltas vs FFT and the paper's numbers beside, then the domain averages
+    and extra benchmarks of the official evaluation (``paper_extras``).
 
-    Reads each run's ``report.json`` (built when absent). Writes ``paper_table.{md,csv,tex,json}``.
+    Reads each run's ``report.json`` (built when absent). Writes ``paper_table.{md,csv,tex,json}`` (and
+    ``paper_table_extras.csv`` when a run has extras).
     """
+    from mft_bench.report.paper_extras import extra_rows, render_extras_latex, render_extras_markdown
+
     if not run_dirs:
         raise MftBenchError("paper table: give at least one run folder")
     rows: list[dict[str, Any]] = []
+    extras: list[dict[str, Any]] = []
     for run_dir in run_dirs:
-        block = paper_rows(_load_report(Path(run_dir)))
+        report = _load_report(Path(run_dir))
+        block = paper_rows(report)
         if not block:
             log.warning("%s: no benchmark rows; left out of the paper table", run_dir)
         rows += block
+        key = (report.get("paper") or {}).get("key")
+        extras += extra_rows(report, PAPER_ARMS, load_paper_numbers(key) if key else None) if block else []
     if not rows:
         raise MftBenchError("paper table: none of the run folders has evaluated benchmarks")
     frame = pd.DataFrame(rows)
     out_dir = Path(out_dir)
-    return [
-        atomic_write_text(out_dir / "paper_table.md", render_paper_markdown(frame)),
+    written = [
+        atomic_write_text(out_dir / "paper_table.md",
+                          render_paper_markdown(frame) + render_extras_markdown(extras, PAPER_ARMS, ARM_LABELS)),
         atomic_write_text(out_dir / "paper_table.csv", frame.to_csv(index=False, float_format="%.6g")),
-        atomic_write_text(out_dir / "paper_table.tex", render_paper_latex(frame)),
-        atomic_write_text(out_dir / "paper_table.json", dumps_json({"rows": rows})),
+        atomic_write_text(out_dir / "paper_table.tex",
+                          render_paper_latex(frame) + render_extras_latex(extras, PAPER_ARMS, ARM_LABELS)),
+        atomic_write_text(out_dir / "paper_table.json", dumps_json({"rows": rows, "extras": extras})),
     ]
+    if extras:
+        written.append(atomic_write_text(out_dir / "paper_table_extras.csv",
+                                         pd.DataFrame(extras).to_csv(index=False, float_format="%.6g")))
+    return written

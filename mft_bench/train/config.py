@@ -18,6 +18,7 @@ SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constan
 PRECISIONS = ("mixed", "pure")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 STRATEGIES = ("ddp", "fsdp")
+LOSS_REDUCTIONS = ("token", "sequence")
 
 
 @dataclass
@@ -45,6 +46,9 @@ class TrainConfig:
     group_by_length: bool = True
     # Optimizer steps between Trainer resume checkpoints; None = only at the save_every intervals (and the end).
     resume_every_steps: int | None = None
+    # token: mean over every labelled token of a step; sequence: mean over the step's sequences of each one's token
+    # mean (the official code's per-example loss at micro-batch 1, averaged over accumulation and processes)
+    loss_reduction: str = "token"
 
     def __post_init__(self) -> None:
         _positive("epochs", self.epochs, allow_zero=self.max_steps > 0)
@@ -70,7 +74,8 @@ class TrainConfig:
             _positive("resume_every_steps", self.resume_every_steps)
         for name, value, allowed in (("precision", self.precision, PRECISIONS),
                                      ("compute_dtype", self.compute_dtype, COMPUTE_DTYPES),
-                                     ("strategy", self.strategy, STRATEGIES)):
+                                     ("strategy", self.strategy, STRATEGIES),
+                                     ("loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)):
             if value not in allowed:
                 raise MftBenchError(f"train.{name} must be one of {', '.join(allowed)}, got {value!r}")
 

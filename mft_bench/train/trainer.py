@@ -29,7 +29,7 @@ from transformers.trainer_utils import has_length
 
 from mft_bench.errors import MftBenchError
 from mft_bench.train.callbacks import ExportCallback, Exporter, SealCallback, checkpoint_problem
-from mft_bench.train.config import TrainConfig
+from mft_bench.train.config import LOSS_REDUCTIONS, TrainConfig
 from mft_bench.train.precision import autocast_arguments
 from mft_bench.train.sampling import EpochSeededLengthGroupedSampler, sequence_lengths
 from mft_bench.train.strategy import fsdp_arguments, fsdp_on_cpu
@@ -48,17 +48,71 @@ IGNORE_INDEX = -100
 
 class ArmTrainer(Trainer):
     """Trainer whose length-grouped data order is a pure function of (seed, epoch), so resumes replay it exactly,
-    and which asks the model for logits only where a token is labelled (``labelled_logits_only``)."""
+    which asks the model for logits only where a token is labelled (``labelled_logits_only``), and which reduces
+    the loss per token (Trainer's own) or per sequence (``loss_reduction``, see ``sequence_loss``)."""
 
     _labelled_logits: bool | None = None
+
+    def __init__(self, *args, loss_reduction: str = "token", **kwargs) -> None:
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise MftBenchError(f"loss_reduction must be one of {', '.join(LOSS_REDUCTIONS)}, got {loss_reduction!r}")
+        super().__init__(*args, **kwargs)
+        self.loss_reduction = loss_reduction
+        if loss_reduction == "sequence":
+            self.loss_is_scaled_for_ga = True  # sequence_loss divides by the step's sequence count itself
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self._labelled_logits is None:
             self._labelled_logits = self.label_smoother is None and self.compute_loss_func is None and \
                 supports_labelled_logits(self.accelerator.unwrap_model(model))
+        if self.loss_reduction == "sequence":
+            return self.sequence_loss(model, inputs, return_outputs=return_outputs,
+                                      num_sequences=num_items_in_batch)
         if self._labelled_logits:
             inputs = labelled_logits_only(inputs)
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    def sequence_loss(self, model, inputs, *, return_outputs=False, num_sequences=None):
+        """The official code's loss: each sequence's mean over its labelled tokens, averaged over the sequences.
+
+        In training ``num_sequences`` is the count of the whole optimizer step (every micro-batch of the
+        accumulation on every process, ``_get_num_items_in_batch``): this micro-batch contributes the sum of its
+        sequence means over that count, times the process count that data parallelism divides gradients by, so
+        the step's gradient is the mean over all its sequences, as the official micro-batch-1 loss averaged by
+        accumulation and DDP. Without a count (evaluation) it is the mean over this batch's sequences.
+        """
+        labels = inputs["labels"]
+        targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+        keep = targets != IGNORE_INDEX
+        forward = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
+        if self._labelled_logits and bool(keep.any()):
+            outputs = model(**forward, logits_to_keep=keep)
+            logits = outputs.logits.reshape(-1, outputs.logits.shape[-1])  # one row per kept position
+        else:
+            outputs = model(**forward)
+            logits = outputs.logits[keep]
+        token_loss = F.cross_entropy(logits.float(), targets[keep], reduction="none")
+        rows = keep.nonzero(as_tuple=True)[0]
+        counts = keep.sum(dim=1)
+        sums = torch.zeros(labels.shape[0], dtype=token_loss.dtype, device=token_loss.device).index_add(0, rows,
+                                                                                                          token_loss)
+        labelled = counts > 0
+        means = sums[labelled] / counts[labelled]
+        if num_sequences is None:
+            loss = means.sum() / max(int(labelled.sum()), 1)
+        else:
+            loss = means.sum() / max(num_sequences, 1) * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
+
+    def _get_num_items_in_batch(self, batch_samples, device):
+        if self.loss_reduction != "sequence":
+            return super()._get_num_items_in_batch(batch_samples, device)
+        # sequences with at least one labelled target, over the step's micro-batches and processes
+        count = sum(int((b["labels"][..., 1:] != IGNORE_INDEX).any(dim=-1).sum()) for b in batch_samples)
+        count = torch.tensor(count, device=device)
+        if self.args.world_size > 1:
+            count = self.accelerator.gather(count).sum()
+        return count
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -270,6 +324,7 @@ def run_arm(
             processing_class=tokenizer,
             data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
             callbacks=[*callbacks, seal_callback, export_callback],  # arm callbacks (mask refresh) first
+            loss_reduction=config.loss_reduction,
         )
         export_callback.bind(trainer)
         seal_callback.bind(trainer)
