@@ -29,6 +29,16 @@ TEST_SUFFIX = "@test"
 SELECTION_SUFFIXES = {"last": "", "val": VAL_SUFFIX, "test-selected": TEST_SUFFIX}
 
 
+def comparable_selection(report: dict[str, Any], benchmark: str, metric: str, wanted: str | None) -> str:
+    """The family of a report's rows to set beside a number chosen by ``wanted`` (a paper's selection): the same
+    selection where the report has rows of it on that benchmark and metric, else ``last``."""
+    wanted = wanted if wanted in SELECTION_SUFFIXES else "last"
+    suffix = SELECTION_SUFFIXES[wanted]
+    present = not suffix or any(r["arm"].endswith(suffix) for r in report["rows"]
+                                if r["benchmark"] == benchmark and r["metric"] == metric)
+    return wanted if present else "last"
+
+
 def split_arm(name: str) -> tuple[str, str]:
     """``"mft@test"`` -> ``("mft", "test-selected")``; a plain arm -> ``(arm, "last")``."""
     for selection, suffix in SELECTION_SUFFIXES.items():

@@ -20,7 +20,13 @@ from typing import Any
 import pandas as pd
 
 from mft_bench.errors import MftBenchError
-from mft_bench.report.collect import SELECTION_SUFFIXES, atomic_write_text, dumps_json, read_json
+from mft_bench.report.collect import (
+    SELECTION_SUFFIXES,
+    atomic_write_text,
+    comparable_selection,
+    dumps_json,
+    read_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +132,7 @@ def paper_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     benchmark, metric = headline
     entry = (report.get("paper") or {}).get("entry")
     selection = (report.get("paper") or {}).get("selection")
-    our_selection = _our_selection(report, benchmark, metric, selection)
+    our_selection = comparable_selection(report, benchmark, metric, selection)
     suffix = SELECTION_SUFFIXES[our_selection]
     rows = {r["arm"]: r for r in report["rows"] if r["benchmark"] == benchmark and r["metric"] == metric}
     deltas = {c["arm_a"]: c for c in report["comparisons"]
@@ -157,15 +163,6 @@ def paper_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             "selection": our_selection,
         })
     return out
-
-
-def _our_selection(report: dict[str, Any], benchmark: str, metric: str, paper_selection: str | None) -> str:
-    """Our rows to set beside the paper's: the same checkpoint selection where the run has it, else the last."""
-    wanted = paper_selection if paper_selection in SELECTION_SUFFIXES else "last"
-    suffix = SELECTION_SUFFIXES[wanted]
-    present = any(r["arm"].endswith(suffix) for r in report["rows"]
-                  if r["benchmark"] == benchmark and r["metric"] == metric) if suffix else True
-    return wanted if present else "last"
 
 
 def _present(value: Any) -> bool:

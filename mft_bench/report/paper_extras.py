@@ -18,6 +18,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from mft_bench.report.collect import SELECTION_SUFFIXES, comparable_selection, split_arm
+
 log = logging.getLogger(__name__)
 
 # domain -> the benchmarks its average is made of (the official evaluation of that domain)
@@ -27,12 +29,18 @@ ABSTRACT_LABEL = "paper abstract (MFT's gain only)"
 README_LABEL = "official README rerun"
 
 
-def _values(report: dict[str, Any], benchmark: str) -> tuple[str, dict[str, float]]:
-    """The benchmark's primary metric and each arm's value on it (percent, last checkpoint)."""
+def _values(report: dict[str, Any], benchmark: str, wanted: str | None) -> tuple[str, dict[str, float]]:
+    """The benchmark's primary metric and each arm's value on it (percent), from the rows of the checkpoint
+    selection ``wanted`` (the paper's) where the report has them, else the last checkpoint's; the metric's label
+    says which."""
     metric = report["benchmarks"][benchmark]["primary_metric"]
-    values = {r["arm"]: r["value"] * 100.0 for r in report["rows"]
-              if r["benchmark"] == benchmark and r["metric"] == metric and r["value"] is not None}
-    return metric, values
+    selection = comparable_selection(report, benchmark, metric, wanted)
+    suffix = SELECTION_SUFFIXES[selection]
+    rows = {r["arm"]: r["value"] * 100.0 for r in report["rows"]
+            if r["benchmark"] == benchmark and r["metric"] == metric and r["value"] is not None}
+    values = {split_arm(arm)[0]: value for arm, value in rows.items() if split_arm(arm)[1] == "last"}
+    values.update({split_arm(arm)[0]: value for arm, value in rows.items() if suffix and arm.endswith(suffix)})
+    return (f"{metric} ({selection})" if selection != "last" else metric), values
 
 
 def _row(report: dict[str, Any], arms: tuple[str, ...], what: str, made_of: str, values: dict[str, float],
@@ -61,7 +69,8 @@ def extra_rows(report: dict[str, Any], arms: tuple[str, ...], paper_file: dict[s
     out: list[dict] = []
     parts = DOMAIN_AVERAGES.get(domain)
     if parts and all(p in benchmarks for p in parts):
-        per_part = [_values(report, p) for p in parts]
+        wanted = (paper_file or {}).get("selection")
+        per_part = [_values(report, p, wanted) for p in parts]
         averages = {arm: sum(v[arm] for _, v in per_part) / len(parts)
                     for arm in arms if all(arm in v for _, v in per_part)}
         abstract = (paper_file or {}).get("abstract") or {}
@@ -77,7 +86,7 @@ def extra_rows(report: dict[str, Any], arms: tuple[str, ...], paper_file: dict[s
         key = benchmark.removeprefix(LM_EVAL_PREFIX)
         if benchmark == headline or key not in readme:
             continue
-        metric, values = _values(report, benchmark)
+        metric, values = _values(report, benchmark, (paper_file or {}).get("selection"))
         out += _row(report, arms, benchmark, f"{benchmark}:{metric}", values, readme[key],
                     (entry.get("official_readme") or {}).get("source"))
     return out
