@@ -173,6 +173,25 @@ def train_config(recipe: Recipe, arm: str, world_size: int, device_bytes: int | 
                        compute_dtype=recipe.backbone.dtype, strategy=strategy)
 
 
+# the cost model is within ~25% of the measured H200 anchors: refuse only what exceeds the device by more than that
+FIT_MARGIN = 1.25
+
+
+def refuse_what_cannot_fit(recipe: Recipe, arm: str, strategy: str, world_size: int, device_bytes: int | None) -> None:
+    """A training arm whose estimated memory per GPU exceeds the GPU by more than the estimate's margin is refused
+    before anything runs, with what would fit (more processes, FSDP)."""
+    if not device_bytes or strategy != "ddp":
+        return
+    needed = replica_bytes(recipe, arm, world_size)
+    if needed and needed > FIT_MARGIN * device_bytes:
+        shard = " (FFT then shards with FSDP)" if arm in ("fft", "fft_continued") else ""
+        raise MftBenchError(
+            f"{arm} needs about {needed / 2**30:.0f} GiB per GPU as a whole replica, the GPU has "
+            f"{device_bytes / 2**30:.0f} GiB: run on more GPUs (--nproc N){shard}, or lower per_device_batch_size / "
+            "data.max_length, or turn on gradient_checkpointing (mft-bench plan RECIPE --nproc N shows the memory)"
+        )
+
+
 def replica_bytes(recipe: Recipe, arm: str, world_size: int = 1) -> int | None:
     """Estimated peak memory of one process training a whole replica of ``arm`` among ``world_size`` (DDP's
     gradient buckets included when there are several); None for an unknown model shape."""
@@ -421,9 +440,11 @@ def _loadable_by_name(backbone) -> bool:
 def preflight(recipe: Recipe, models: ModelCache, world_size: int) -> None:
     """Check what can only be checked against the model or the machine before any stage starts: a bad layer band,
     module name or batch split fails now, not after an hour of FFT."""
+    device_bytes = _device_bytes()
     for arm in TRAINED_ARMS:
         if arm in recipe.arms:
-            train_config(recipe, arm, world_size, _device_bytes())
+            config = train_config(recipe, arm, world_size, device_bytes)
+            refuse_what_cannot_fit(recipe, arm, config.strategy, world_size, device_bytes)
     from mft_bench.evaluation.registry import CODE_BENCHMARKS
 
     if any(bench.name in CODE_BENCHMARKS for bench in recipe.evaluation.benchmarks):

@@ -164,3 +164,18 @@ def test_gguf_quantizer_released_other_quantization_refused():
     with pytest.raises(MftBenchError, match="quantized"):
         release_gguf_quantizer(model, "mft")
     release_gguf_quantizer(model, "lora", allow_quantized=True)  # QLoRA-style training stays possible
+
+
+def test_an_arm_that_cannot_fit_one_gpu_is_refused_before_anything_runs():
+    from pathlib import Path
+
+    from mft_bench.pipeline import refuse_what_cannot_fit
+    from mft_bench.recipe import load_recipe
+
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "tasks" / "paper" / "llama2-7b-math.yaml")
+    gib = 2**30
+    with pytest.raises(MftBenchError, match=r"fft needs about \d+ GiB per GPU.*--nproc N.*FSDP"):
+        refuse_what_cannot_fit(recipe, "fft", "ddp", 1, 80 * gib)  # mixed-precision 7B FFT on one 80 GB card
+    refuse_what_cannot_fit(recipe, "fft", "ddp", 1, 141 * gib)  # an H200 holds it (the estimate's margin)
+    refuse_what_cannot_fit(recipe, "fft", "fsdp", 8, 80 * gib)  # sharded: the plan's per-GPU numbers apply
+    refuse_what_cannot_fit(recipe, "mft", "ddp", 1, 80 * gib)
