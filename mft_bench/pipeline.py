@@ -19,7 +19,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from mft_bench.atomic import write_json_atomic
+import yaml
+
+from mft_bench.atomic import check_writable_folder, write_json_atomic
 from mft_bench.distributed import RunProcesses
 from mft_bench.errors import MftBenchError
 from mft_bench.plan import (
@@ -43,7 +45,8 @@ def default_run_dir(recipe: Recipe) -> Path:
 
 
 def check_run_dir(recipe: Recipe, run_dir: Path) -> None:
-    """Refuse a run folder that belongs to another recipe (its results would be mixed)."""
+    """Refuse a run folder that cannot be written or belongs to another recipe (its results would be mixed)."""
+    check_writable_folder(run_dir, "run folder")
     run_file = run_dir / RUN_FILE
     marker = run_dir / "recipe.yaml"
     for existing in (run_file, marker):
@@ -51,7 +54,7 @@ def check_run_dir(recipe: Recipe, run_dir: Path) -> None:
             try:
                 name = json.loads(existing.read_text()).get("recipe") if existing.suffix == ".json" else \
                     _recipe_name_from_yaml(existing)
-            except (ValueError, OSError):
+            except (ValueError, OSError, yaml.YAMLError):
                 name = None
             if name and name != recipe.name:
                 raise MftBenchError(
@@ -60,8 +63,6 @@ def check_run_dir(recipe: Recipe, run_dir: Path) -> None:
 
 
 def _recipe_name_from_yaml(path: Path) -> str | None:
-    import yaml
-
     data = yaml.safe_load(path.read_text())
     return data.get("name") if isinstance(data, dict) else None
 
@@ -414,11 +415,23 @@ def preflight(recipe: Recipe, models: ModelCache, world_size: int) -> None:
         from mft_bench.evaluation.sandbox import require_isolation
 
         require_isolation(recipe.evaluation.sandbox)  # no code sandbox here: say so before hours of training
+    from mft_bench.evaluation.registry import check_available
+
+    for bench in recipe.evaluation.benchmarks:
+        check_available(bench.name, bench.options, recipe.data.data_dir)
     model = models.backbone()
     if any(arm in recipe.arms for arm in ("mft", "random_mask", "magnitude_mask")):
         from mft_bench.masking.architectures import resolve_targets
 
         resolve_targets(model, list(recipe.mask.layers), recipe.mask.modules)
+    if "lora" in recipe.arms and recipe.lora.target_modules:
+        from mft_bench.train.lora import check_target_modules
+
+        check_target_modules(model, recipe.lora.target_modules)
+    from mft_bench.data.checks import check_data
+
+    check_data(recipe.data.sources, seed=recipe.seed, max_length=recipe.data.max_length,
+               data_dir=recipe.data.data_dir, tokenizer=models.tokenizer())
 
 
 def _run_stage(recipe: Recipe, stage: Stage, stages: dict[str, Stage], models: ModelCache, procs: RunProcesses,
@@ -479,12 +492,11 @@ def intermediate_stages(recipe: Recipe, run_dir: Path, stages: dict[str, Stage])
     return extra
 
 
-def _prepare_run_dir(recipe: Recipe, run_dir: Path, stages_list: list[Stage], force: list[str]) -> None:
-    check_run_dir(recipe, run_dir)
+def _prepare_run_dir(recipe: Recipe, run_dir: Path, stages_list: list[Stage], forced: set[str]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.yaml").write_text(recipe_yaml(recipe))
     stages = {stage.name: stage for stage in stages_list}
-    for name in stages_to_force(stages_list, force):
+    for name in sorted(forced):
         moved = retire_folder(stages[name].folder)
         if moved:
             logger.info("--force: moved %s aside to %s", stages[name].folder.name, moved)
@@ -501,11 +513,13 @@ def run_recipe(recipe: Recipe, run_dir: Path, *, force: list[str] | None = None,
     refuse_launcher_strategy()
     stages_list = build_plan(recipe, run_dir)
     stages = {stage.name: stage for stage in stages_list}
-    procs.on_main(_prepare_run_dir, recipe, run_dir, stages_list, force or [])
-
+    # everything is checked before the run folder is touched: bad input never rewrites a finished run
+    forced = stages_to_force(stages_list, force or [])
+    procs.on_main(check_run_dir, recipe, run_dir)
     models = ModelCache(recipe)
-    if not all(stage.done() for stage in stages_list):
+    if forced or not all(stage.done() for stage in stages_list):
         procs.on_main(preflight, recipe, models, procs.world_size)
+    procs.on_main(_prepare_run_dir, recipe, run_dir, stages_list, forced)
     _run_stages(recipe, stages_list, stages, models, procs, progress)
 
     if recipe.evaluation.checkpoints == "all":
