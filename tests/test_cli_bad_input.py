@@ -102,6 +102,7 @@ CASES = [
     recipe_case("nested duplicate key", yaml.safe_dump(SMOKE, sort_keys=False).replace(
         "  mask_ratio: 0.1\n", "  mask_ratio: 0.1\n  mask_ratio: 0.2\n"), "key 'mask_ratio' twice"),
     recipe_case("YAML alias bomb", billion_laughs(), "aliases expand"),
+    recipe_case("alias into itself", yaml.safe_dump(SMOKE) + "x-loop: &loop [*loop]\n", "contains it"),
     # -- recipe values
     recipe_case("unknown key", smoke(surprise=1), "unknown key 'surprise'"),
     recipe_case("misspelt nested key", smoke(fft__learning_rat=1e-3), "unknown key 'fft.learning_rat'"),
