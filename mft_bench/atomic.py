@@ -17,6 +17,7 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(handle, 0o666 & ~_umask())  # mkstemp makes 0600 files: give the mode any new file would get
         with os.fdopen(handle, "wb") as stream:
             stream.write(data)
             stream.flush()
@@ -68,3 +69,9 @@ def check_writable_folder(folder: str | os.PathLike, what: str) -> None:
     if not os.access(existing, os.W_OK | os.X_OK, **effective):
         raise MftBenchError(f"{what} {folder} is not writable ({existing}: permission denied or a read-only disk); "
                             "choose another")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: set it straight back
+    os.umask(mask)
+    return mask

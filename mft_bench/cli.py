@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -106,11 +108,21 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def _planned_hardware(args):
+    """The machine a plan is for: ``--hardware NAME`` (a GPU kind) or this machine; and the process count."""
+    from mft_bench.hardware import detect_hardware, hardware_by_name
+
+    if args.nproc < 1:
+        raise MftBenchError(f"--nproc must be at least 1, got {args.nproc}")
+    return (hardware_by_name(args.hardware) if args.hardware else detect_hardware()), args.nproc
+
+
 def cmd_plan(args) -> int:
     from mft_bench.plan_view import render_plan
 
     recipe = _load(args)
-    print(render_plan(recipe, _run_dir(recipe, args.out)))
+    hardware, nproc = _planned_hardware(args)
+    print(render_plan(recipe, _run_dir(recipe, args.out), hardware=hardware, nproc=nproc))
     return EXIT_OK
 
 
@@ -123,13 +135,23 @@ def cmd_reproduce(args) -> int:
 
     if args.target != "paper":
         raise MftBenchError(f"reproduce: unknown target '{args.target}' (only 'paper')")
+    if not args.dry_run and args.hardware:
+        raise MftBenchError("reproduce: --hardware plans a run for that GPU kind (--dry-run); a run uses this "
+                            "machine's GPUs")
     recipes = [load_recipe(path) for path in paper_recipes(args.backbone)]
     out = Path(args.out or "runs/paper")
     if args.dry_run:
-        from mft_bench.plan_view import render_plan
+        from mft_bench.plan_view import plan_text, render_bill
 
+        hardware, nproc = _planned_hardware(args)
+        summaries = []
         for recipe in recipes:
-            print(render_plan(recipe, out / recipe.name))
+            text, summary = plan_text(recipe, out / recipe.name, hardware=hardware, nproc=nproc)
+            print(text + "\n")
+            if summary is not None:
+                summaries.append(summary)
+        if summaries:
+            print(render_bill(summaries))
         return EXIT_OK
     if args.nproc > 1:
         return _relaunch(args.nproc, args.argv, recipes)
@@ -225,19 +247,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="processes: one per GPU (on a machine without GPUs, N gloo CPU processes)")
     run.set_defaults(func=cmd_run)
 
-    plan = sub.add_parser("plan", help="dry run: stages, cache status, estimated FLOPs/memory/time")
+    plan = sub.add_parser("plan", help="dry run: stages, cache status, estimated time, memory per GPU, disk")
     plan.add_argument("recipe")
     plan.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     plan.add_argument("--out")
+    _planning_options(plan)
     plan.set_defaults(func=cmd_plan)
 
     reproduce = sub.add_parser("reproduce", help="run all paper recipes and print the paper-shaped table")
     reproduce.add_argument("target", help="'paper'")
     reproduce.add_argument("--backbone", choices=PAPER_BACKBONES, default="llama2-7b")
-    reproduce.add_argument("--dry-run", action="store_true", help="only plan")
-    reproduce.add_argument("--nproc", type=int, default=1, metavar="N",
-                           help="processes: one per GPU (on a machine without GPUs, N gloo CPU processes)")
+    reproduce.add_argument("--dry-run", action="store_true", help="only plan, and print the whole bill")
     reproduce.add_argument("--out")
+    _planning_options(reproduce)
     reproduce.set_defaults(func=cmd_reproduce)
 
     report = sub.add_parser("report", help="rebuild tables and plots of run folders (several: paper-shaped table)")
@@ -255,6 +277,37 @@ def build_parser() -> argparse.ArgumentParser:
     listing = sub.add_parser("list", help="list shipped recipes")
     listing.set_defaults(func=cmd_list)
     return parser
+
+
+def _planning_options(parser: argparse.ArgumentParser) -> None:
+    from mft_bench.hardware import known_gpu_names
+
+    parser.add_argument("--nproc", type=int, default=1, metavar="N",
+                        help="processes, one per GPU (on a machine without GPUs, N gloo CPU processes); with plan "
+                             "or --dry-run: plan for N")
+    parser.add_argument("--hardware", metavar="NAME",
+                        help=f"plan for this GPU kind ({', '.join(known_gpu_names())}); default: this machine")
+
+
+DISK_ERRNOS = {errno.ENOSPC: "no space left on the disk", errno.EDQUOT: "the disk quota is exceeded",
+               errno.EROFS: "the disk is read-only"}
+
+
+def disk_problem(exc: BaseException, out: str | None) -> str | None:
+    """One line for a full or read-only disk, else None: an OSError says so by its errno; libraries that write
+    files themselves (torch, safetensors) raise their own errors, recognised by the OS message they carry or by
+    the run folder's disk being full."""
+    code = exc.errno if isinstance(exc, OSError) else next(
+        (number for number, text in ((errno.ENOSPC, "No space left on device"), (errno.EROFS, "Read-only file system"),
+                                     (errno.EDQUOT, "Disk quota exceeded")) if text in str(exc)), None)
+    if code is None and out and Path(out).exists():
+        usage = shutil.disk_usage(out)
+        if usage.free < 0.01 * usage.total or usage.free < 2**20:
+            code = errno.ENOSPC
+    if code not in DISK_ERRNOS:
+        return None
+    where = f" while writing {exc.filename}" if getattr(exc, "filename", None) else f" ({out})" if out else ""
+    return f"{DISK_ERRNOS[code]}{where}; free space (or choose another --out) and rerun: finished stages are kept"
 
 
 def parse_arguments(argv: list[str]) -> argparse.Namespace:
@@ -296,6 +349,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if main_process:
             print("mft-bench: interrupted; rerun the same command to resume", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as exc:  # noqa: BLE001 - a full disk is one line; anything else is raised as it was
+        line = disk_problem(exc, getattr(args, "out", None))
+        if line is None:
+            raise
+        if main_process:
+            print(f"mft-bench: error: {line}", file=sys.stderr)
         return EXIT_FAILED
 
 

@@ -22,18 +22,20 @@ from typing import Any
 import yaml
 
 from mft_bench.atomic import check_writable_folder, write_json_atomic
+from mft_bench.checkpoints import export_path, export_step, start_step
 from mft_bench.distributed import RunProcesses
 from mft_bench.errors import MftBenchError
 from mft_bench.plan import (
+    LAST,
     Stage,
     build_plan,
-    checkpoint_eval_stages,
     finish_stage,
     package_versions,
     retire_folder,
     stages_to_force,
 )
-from mft_bench.recipe import Recipe, recipe_yaml
+from mft_bench.recipe import MASK_BASELINES, Recipe, recipe_yaml
+from mft_bench.run_folder import RunLock, reopen_stage, stage_problem
 
 logger = logging.getLogger(__name__)
 
@@ -92,11 +94,16 @@ class ModelCache:
             self.backbone()
         return self._tokenizer
 
-    def fft_model(self, fft_stage: Stage):
-        """The FFT model as its stage saved it (so a resumed run and an uninterrupted one start MFT alike)."""
-        if self._fft is None:
-            self._fft = load_model_folder(fft_stage.folder / "model", self.recipe.backbone.dtype)
-        return self._fft
+    def fft_model(self, fft_stage: Stage, step: int | None = None):
+        """The FFT model at ``step`` (default: the end) as its stage saved it, so a resumed run and an
+        uninterrupted one start MFT alike. One FFT checkpoint is kept loaded."""
+        final = int(fft_stage.manifest()["outputs"]["export_steps"][-1])
+        step = final if step is None else step
+        if self._fft is None or self._fft[0] != step:
+            self._fft = None
+            folder = fft_stage.folder / "model" if step == final else export_path(fft_stage, step)
+            self._fft = (step, load_model_folder(folder, self.recipe.backbone.dtype))
+        return self._fft[1]
 
 
 def load_model_folder(folder: Path, dtype: str):
@@ -160,15 +167,16 @@ def train_config(recipe: Recipe, arm: str, world_size: int, device_bytes: int | 
         fields.pop(extra, None)
     needs_size = spec.strategy == "auto" and arm == "fft" and world_size > 1 and device_bytes
     strategy = resolve_strategy(arm, spec.strategy, world_size=world_size,
-                                replica_bytes=replica_bytes(recipe, arm) if needs_size else None,
+                                replica_bytes=replica_bytes(recipe, arm, world_size) if needs_size else None,
                                 device_bytes=device_bytes)
     return TrainConfig(**fields, gradient_accumulation_steps=spec.accumulation_steps(world_size), seed=recipe.seed,
                        compute_dtype=recipe.backbone.dtype, strategy=strategy)
 
 
-def replica_bytes(recipe: Recipe, arm: str) -> int | None:
-    """Estimated peak memory of one whole replica of ``arm``'s training (None for an unknown model shape)."""
-    from mft_bench.estimate import cpu_hardware, estimate_training, shape_for_backbone
+def replica_bytes(recipe: Recipe, arm: str, world_size: int = 1) -> int | None:
+    """Estimated peak memory of one process training a whole replica of ``arm`` among ``world_size`` (DDP's
+    gradient buckets included when there are several); None for an unknown model shape."""
+    from mft_bench.estimate import cpu_hardware, estimate_training, per_device_memory, shape_for_backbone
 
     shape = shape_for_backbone(recipe.backbone.name)
     if shape is None:
@@ -181,7 +189,8 @@ def replica_bytes(recipe: Recipe, arm: str) -> int | None:
                                  gradient_checkpointing=spec.gradient_checkpointing, micro_batch_tokens=micro,
                                  seq_len=recipe.data.max_length,
                                  master_weights=spec.precision == "mixed" and dtype_bytes < 4, **kwargs)
-    return estimate.memory_bytes
+    return sum(per_device_memory(estimate, shape, strategy="ddp", world_size=world_size,
+                                 dtype_bytes=dtype_bytes).values())
 
 
 def _mask_spec(recipe: Recipe):
@@ -240,6 +249,7 @@ def run_train_stage(recipe: Recipe, stage: Stage, stages: dict[str, Stage], mode
     from transformers import set_seed
 
     from mft_bench.train import LoraSettings, train_fft, train_lora, train_mft
+    from mft_bench.train.trainer import export_steps
 
     set_seed(recipe.seed)  # the stage's result depends on its inputs only, not on what ran before in this process
     data_stage = stages["data"]
@@ -253,7 +263,8 @@ def run_train_stage(recipe: Recipe, stage: Stage, stages: dict[str, Stage], mode
     if stage.name == "fft":
         result = train_fft(copy.deepcopy(models.backbone()), tokenizer, train_ds, val_ds, config, work)
     elif stage.name == "mft":
-        model = copy.deepcopy(models.fft_model(stages["fft"]))
+        outputs["start"] = mask_start(recipe, stage, stages)
+        model = copy.deepcopy(models.fft_model(stages["fft"], outputs["start"]["step"]))
         result = train_mft(model, tokenizer, train_ds, val_ds, config, _mask_spec(recipe), work)
         del model
     elif stage.name == "lora":
@@ -266,7 +277,7 @@ def run_train_stage(recipe: Recipe, stage: Stage, stages: dict[str, Stage], mode
         if stage.name == "mft":
             from mft_bench.masking import apply_masks, save_masks
 
-            base = models.fft_model(stages["fft"])
+            base = models.fft_model(stages["fft"], outputs["start"]["step"])
             save_masks(result.masks, stage.folder / "masks.safetensors", base_model=base)
             _save_model_atomic(apply_masks(copy.deepcopy(base), result.masks).eval(), tokenizer, stage.folder / "model")
             outputs["masks"] = "masks.safetensors"
@@ -274,6 +285,7 @@ def run_train_stage(recipe: Recipe, stage: Stage, stages: dict[str, Stage], mode
             _materialize(max(result.checkpoints)[1], stage.folder / "model")
         write_json_atomic(stage.folder / "log_history.json", result.log_history)
     outputs.update({"model": "model", "log_history": "log_history.json", "checkpoints": _checkpoint_names(result, stage),
+                    "export_steps": export_steps(config.export_count, max(step for step, _ in result.checkpoints)),
                     "validation_loss": {str(k): v for k, v in (result.validation_loss or {}).items()}})
     del result
     _release_memory()
@@ -301,34 +313,31 @@ def run_mask_stage(recipe: Recipe, stage: Stage, stages: dict[str, Stage], model
     from mft_bench.masking import apply_masks, baseline_masks, save_masks
 
     set_seed(recipe.seed)
-    base = models.fft_model(stages["fft"])
-    kind = "random" if stage.name == "random_mask" else "magnitude"
-    masks = baseline_masks(base, _mask_spec(recipe), kind=kind, seed=recipe.seed)
+    start = mask_start(recipe, stage, stages)
+    base = models.fft_model(stages["fft"], start["step"])
+    masks = baseline_masks(base, _mask_spec(recipe), kind=MASK_BASELINES[stage.name], seed=recipe.seed)
     stage.folder.mkdir(parents=True, exist_ok=True)
     save_masks(masks, stage.folder / "masks.safetensors", base_model=base)
     dense = apply_masks(copy.deepcopy(base), masks)
     _save_model_atomic(dense.eval(), models.tokenizer(), stage.folder / "model")
-    return {"masks": "masks.safetensors", "model": "model"}
+    return {"masks": "masks.safetensors", "model": "model", "start": start}
 
 
-def _checkpoint_path(train_stage: Stage, step: int) -> Path:
-    for entry in train_stage.manifest()["outputs"]["checkpoints"]:
-        if int(entry["step"]) == step:
-            path = Path(entry["path"])
-            return path if path.is_absolute() else train_stage.folder / path
-    raise ValueError(f"{train_stage.name} has no checkpoint at step {step}")
+def mask_start(recipe: Recipe, stage: Stage, stages: dict[str, Stage]) -> dict[str, Any]:
+    """The FFT checkpoint a mask stage (MFT or a baseline) starts from, chosen among its evaluation dependencies."""
+    selection = [stages[dep] for dep in stage.deps if stages[dep].kind == "eval"]
+    return start_step(recipe.mask.start_from, stages["fft"], selection)
 
 
 def _arm_model(stage: Stage, stages: dict[str, Stage], models: ModelCache):
     """(model object, model folder or None, whether the cache keeps it) for an evaluation stage's arm and
     checkpoint."""
-    if stage.checkpoint != "last":
-        step = int(stage.checkpoint.removeprefix("step-"))
-        path = _checkpoint_path(stages[stage.arm], step)
-        if stage.arm == "mft":  # intermediate MFT checkpoints are mask files over the FFT model
+    if stage.checkpoint != LAST:
+        path = export_path(stages[stage.arm], export_step(stages[stage.arm], stage.checkpoint))
+        if stage.arm == "mft":  # intermediate MFT checkpoints are mask files over the FFT model it started from
             from mft_bench.masking import apply_masks, load_masks
 
-            base = models.fft_model(stages["fft"])
+            base = models.fft_model(stages["fft"], stages["mft"].manifest()["outputs"]["start"]["step"])
             return apply_masks(copy.deepcopy(base), load_masks(path, base_model=base)).eval(), None, False
         return load_model_folder(path, models.recipe.backbone.dtype), path, False
     if stage.arm == "baseline":
@@ -369,19 +378,20 @@ def run_eval_stage(recipe: Recipe, stage: Stage, stages: dict[str, Stage], model
                 model.to("cpu")
             del model
             _release_memory()
-    return {"metrics": "metrics.json", "records": "records.jsonl", "summary": metrics.get("metrics", {})}
+    return {"metrics": "metrics.json", "records": "records.jsonl", "n": metrics.get("n"),
+            "summary": metrics.get("metrics", {})}
 
 
 def _evaluation_folder(recipe: Recipe, stage: Stage, stages: dict[str, Stage], models: ModelCache) -> Path:
     """A model folder (or hub id) an engine in another process can load for the stage's arm and checkpoint: the
     arm's saved folder, the backbone's own folder or hub id, else a dense export written into the stage folder
     (GGUF, in-process tiny models, intermediate MFT masks)."""
-    if stage.checkpoint == "last" and stage.arm != "baseline":
+    if stage.checkpoint == LAST and stage.arm != "baseline":
         return stages[stage.arm].folder / "model"
     if stage.arm == "baseline" and _loadable_by_name(recipe.backbone):
         return Path(recipe.backbone.name)
-    if stage.checkpoint != "last" and stage.arm != "mft":
-        return _checkpoint_path(stages[stage.arm], int(stage.checkpoint.removeprefix("step-")))
+    if stage.checkpoint != LAST and stage.arm != "mft":
+        return export_path(stages[stage.arm], export_step(stages[stage.arm], stage.checkpoint))
     folder = stage.folder / "model"
     if not (folder / "config.json").is_file():
         model, _, _ = _arm_model(stage, stages, models)
@@ -480,54 +490,59 @@ def _run_stages(recipe: Recipe, stages_list: list[Stage], stages: dict[str, Stag
         index += 1
 
 
-def intermediate_stages(recipe: Recipe, run_dir: Path, stages: dict[str, Stage]) -> list[Stage]:
-    """Evaluation stages of every training arm's intermediate checkpoints (known once training finished)."""
-    extra = []
-    for arm in ("fft", "mft", "lora"):
-        if arm not in stages:
-            continue
-        steps = sorted(int(entry["step"]) for entry in stages[arm].manifest()["outputs"]["checkpoints"])
-        if steps:
-            extra += checkpoint_eval_stages(recipe, run_dir, stages[arm], steps, last_step=steps[-1])
-    return extra
-
-
 def _prepare_run_dir(recipe: Recipe, run_dir: Path, stages_list: list[Stage], forced: set[str]) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Record the recipe, move forced stages aside, and reopen finished stages whose files no longer match their
+    manifest (``run_folder``)."""
     (run_dir / "recipe.yaml").write_text(recipe_yaml(recipe))
     stages = {stage.name: stage for stage in stages_list}
+    retired = False
     for name in sorted(forced):
         moved = retire_folder(stages[name].folder)
         if moved:
+            retired = True
             logger.info("--force: moved %s aside to %s", stages[name].folder.name, moved)
+    if retired and (run_dir / RUN_FILE).exists():  # it names the moved folders; rebuilt when this run ends
+        retire_folder(run_dir / RUN_FILE, into=run_dir / "stages" / ".superseded")
+    for stage in stages_list:
+        if stage.manifest_path.exists():
+            problem = stage_problem(stage.folder)
+            if problem:
+                reopen_stage(stage.folder, problem, stage.name)
 
 
 def run_recipe(recipe: Recipe, run_dir: Path, *, force: list[str] | None = None,
                progress=None, procs: RunProcesses | None = None) -> dict[str, Any]:
     """Run every unfinished stage, write run.json, build and write the report. Returns the report (on the main
     process; the others return an empty dict)."""
-    from mft_bench.recipe import stable_hash
     from mft_bench.train.strategy import refuse_launcher_strategy
 
     procs = procs or RunProcesses.from_environment()
     refuse_launcher_strategy()
     stages_list = build_plan(recipe, run_dir)
     stages = {stage.name: stage for stage in stages_list}
-    # everything is checked before the run folder is touched: bad input never rewrites a finished run
+    # everything is checked before the run folder is touched (its lock included): bad input never rewrites a run
     forced = stages_to_force(stages_list, force or [])
     procs.on_main(check_run_dir, recipe, run_dir)
     models = ModelCache(recipe)
-    if forced or not all(stage.done() for stage in stages_list):
+    checked = bool(forced) or not all(stage.done() for stage in stages_list)
+    if checked:
         procs.on_main(preflight, recipe, models, procs.world_size)
-    procs.on_main(_prepare_run_dir, recipe, run_dir, stages_list, forced)
-    _run_stages(recipe, stages_list, stages, models, procs, progress)
+    lock = RunLock(run_dir)
+    procs.on_main(lock.acquire)  # one run per folder: the main process holds the lock
+    try:
+        return _run_locked(recipe, run_dir, stages_list, stages, forced, checked, models, progress, procs)
+    finally:
+        lock.release()
 
-    if recipe.evaluation.checkpoints == "all":
-        extra = intermediate_stages(recipe, run_dir, stages)
-        for stage in extra:
-            stages[stage.name] = stage
-        _run_stages(recipe, extra, stages, models, procs, progress)
-        stages_list = stages_list + extra
+
+def _run_locked(recipe: Recipe, run_dir: Path, stages_list: list[Stage], stages: dict[str, Stage],
+                forced: set[str], checked: bool, models: ModelCache, progress, procs: RunProcesses) -> dict[str, Any]:
+    from mft_bench.recipe import stable_hash
+
+    procs.on_main(_prepare_run_dir, recipe, run_dir, stages_list, forced)
+    if not checked and not all(stage.done() for stage in stages_list):  # a damaged stage was reopened
+        procs.on_main(preflight, recipe, models, procs.world_size)
+    _run_stages(recipe, stages_list, stages, models, procs, progress)
 
     def finish() -> dict[str, Any]:
         from mft_bench.report import build_report, write_report
@@ -545,14 +560,15 @@ def build_run_info(recipe: Recipe, run_dir: Path, stages: list[Stage], recipe_ha
     def rel(path: Path) -> str:
         return str(path.relative_to(run_dir))
 
-    evaluations, training, masks = [], [], {}
-    last_steps = {stage.arm: max((int(c["step"]) for c in stage.manifest()["outputs"]["checkpoints"]), default=None)
-                  for stage in stages if stage.kind == "train"}
+    evaluations, training, masks, starts = [], [], {}, {}
+    by_name = {stage.name: stage for stage in stages}
     data_hashes: dict[str, str] = {}
     prompt_versions: dict[str, str] = {}
     for stage in stages:
         manifest = stage.manifest()
         outputs = manifest["outputs"]
+        if "start" in outputs:
+            starts[stage.arm] = outputs["start"]
         if stage.kind == "data":
             data_hashes["training_data"] = outputs["data_hash"]
         elif stage.kind == "train":
@@ -569,8 +585,9 @@ def build_run_info(recipe: Recipe, run_dir: Path, stages: list[Stage], recipe_ha
             if "prompt" in versions:
                 prompt_versions[stage.benchmark] = str(versions["prompt"])
             split = stage.key.get("split", "test")
-            step = int(stage.checkpoint.removeprefix("step-")) if stage.checkpoint != "last" else \
-                last_steps.get(stage.arm)
+            trained = by_name.get(stage.arm)
+            step = export_step(trained, stage.checkpoint) if trained is not None and trained.kind == "train" \
+                else None
             evaluations.append({"arm": stage.arm, "checkpoint": stage.checkpoint, "step": step, "split": split,
                                 "benchmark": stage.benchmark, "metrics": rel(stage.folder / "metrics.json"),
                                 "records": rel(stage.folder / "records.jsonl")})
@@ -584,6 +601,8 @@ def build_run_info(recipe: Recipe, run_dir: Path, stages: list[Stage], recipe_ha
         "evaluations": evaluations,
         "training": training,
         "masks": masks,
+        "mask_start": starts,  # the FFT checkpoint MFT and each mask baseline started from, and why
+        "test_selected": recipe.evaluation.test_selected,
         "provenance": {"git_commit": git_commit(), "packages": package_versions(), "data_hashes": data_hashes,
                        "prompt_versions": prompt_versions},
     }

@@ -18,9 +18,9 @@ from typing import Any
 
 from mft_bench.atomic import write_json_atomic
 from mft_bench.errors import MftBenchError
-from mft_bench.recipe import Recipe, stable_hash
+from mft_bench.recipe import MASK_BASELINES, Recipe, stable_hash
+from mft_bench.run_folder import MANIFEST, file_inventory
 
-MANIFEST = "manifest.json"
 # bump when a stage's on-disk output format or semantics change
 STAGE_FORMAT_VERSION = "1"
 RESULT_PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "lm_eval", "mft-bench")
@@ -70,8 +70,31 @@ def _place(stage: Stage, upstream: dict[str, str], env: dict[str, str], run_dir:
     stage.folder = run_dir / "stages" / f"{stage.name}-{stage.hash}"
 
 
+TRAIN_ARMS = ("fft", "mft", "lora")
+LAST = "last"
+# benchmarks with a held-out validation split of their own (option ``split``), used for checkpoint selection
+VALIDATION_BENCHMARKS = ("synthetic_math",)
+
+
+def checkpoint_labels(recipe: Recipe, arm: str) -> list[str]:
+    """The evaluated checkpoints of an arm: ``ckpt-1`` ... ``ckpt-(n-1)`` and ``last`` for the n exports of a
+    training arm when the recipe evaluates them all (``evaluation.checkpoints: all``), else ``last`` alone. Known
+    before training: the count follows from ``epochs / save_every``, the steps are resolved when it ran."""
+    if recipe.evaluation.checkpoints != "all" or arm not in TRAIN_ARMS:
+        return [LAST]
+    return [f"ckpt-{i}" for i in range(1, getattr(recipe, arm).export_count)] + [LAST]
+
+
+def checkpoint_index(label: str, export_count: int) -> int:
+    """1-based export index of a checkpoint label (``last`` is the n-th)."""
+    return export_count if label == LAST else int(label.removeprefix("ckpt-"))
+
+
 def build_plan(recipe: Recipe, run_dir: Path) -> list[Stage]:
-    """All stages of a recipe in execution order, with hashes and folders (nothing is loaded or run)."""
+    """All stages of a recipe in execution order, with hashes and folders (nothing is loaded or run). The graph is
+    whole before anything runs: intermediate checkpoints are planned by index (their steps come from training);
+    when the masks start from a selected FFT checkpoint, FFT's evaluations run before MFT and the baselines and
+    are among their dependencies."""
     env = package_versions()
     stages: dict[str, Stage] = {}
 
@@ -86,62 +109,67 @@ def build_plan(recipe: Recipe, run_dir: Path) -> list[Stage]:
     if "fft" in recipe.arms:
         add(Stage("fft", "train", {"train": recipe.fft.model_dump(mode="json"), "backbone": backbone,
                                    "seed": recipe.seed}, deps=["data"], arm="fft"))
+    start_deps: list[str] = []
+    if "fft" in recipe.arms and recipe.mask.start_from.startswith("best"):
+        for stage in evaluation_stages(recipe, "fft"):
+            add(stage)
+        start_deps = start_selection_stages(recipe, stages)
     if "mft" in recipe.arms:
         add(Stage("mft", "train", {"train": recipe.mft.model_dump(mode="json"), "mask": mask, "seed": recipe.seed},
-                  deps=["data", "fft"], arm="mft"))
+                  deps=["data", "fft", *start_deps], arm="mft"))
     if "lora" in recipe.arms:
         add(Stage("lora", "train", {"train": recipe.lora.model_dump(mode="json"), "backbone": backbone,
                                     "seed": recipe.seed}, deps=["data"], arm="lora"))
-    for kind in ("random_mask", "magnitude_mask"):
-        if kind in recipe.arms:
-            add(Stage(kind, "mask", {"mask": mask, "kind": kind, "seed": recipe.seed}, deps=["fft"], arm=kind))
-
-    evaluation = recipe.evaluation
+    for arm, kind in MASK_BASELINES.items():
+        if arm in recipe.arms:
+            add(Stage(arm, "mask", {"mask": mask, "kind": kind, "seed": recipe.seed}, deps=["fft", *start_deps],
+                      arm=arm))
     for arm in recipe.arms:
-        artifact = arm_artifact_stage(arm)
-        for bench in evaluation.benchmarks:
-            key = {"benchmark": bench.model_dump(mode="json"), "backend": evaluation.backend,
-                   "dtype": recipe.backbone.dtype, "seed": recipe.seed, "checkpoint": "last",
-                   "prompt_version": _prompt_version(bench.name, bench.options)}
-            if artifact is None:
-                key["backbone"] = backbone
-            add(Stage(f"eval-{arm}-last-{_slug(bench.name)}", "eval", key, deps=[artifact] if artifact else [],
-                      arm=arm, benchmark=bench.name))
+        for stage in evaluation_stages(recipe, arm):
+            if stage.name not in stages:
+                add(stage)
     return list(stages.values())
 
 
-# benchmarks with a held-out validation split of their own (option ``split``), used for checkpoint selection
-VALIDATION_BENCHMARKS = ("synthetic_math",)
+def evaluation_stages(recipe: Recipe, arm: str) -> list[Stage]:
+    """The arm's evaluation stages, unplaced: every checkpoint label x benchmark on the test split, and on the
+    validation split for the benchmarks that have one (intermediate checkpoints are selected there)."""
+    evaluation = recipe.evaluation
+    artifact = arm_artifact_stage(arm)
+    out = []
+    for label in checkpoint_labels(recipe, arm):
+        for bench in evaluation.benchmarks:
+            splits = ["test"]
+            if evaluation.checkpoints == "all" and arm in TRAIN_ARMS and bench.name in VALIDATION_BENCHMARKS:
+                splits.append("validation")
+            for split in splits:
+                options = bench.options if split == "test" else {**bench.options, "split": "validation"}
+                key = {"benchmark": {**bench.model_dump(mode="json"), "options": options}, "split": split,
+                       "backend": evaluation.backend, "dtype": recipe.backbone.dtype, "seed": recipe.seed,
+                       "checkpoint": label, "prompt_version": _prompt_version(bench.name, options)}
+                if artifact is None:
+                    key["backbone"] = recipe.backbone.model_dump(mode="json")
+                prefix = "eval" if split == "test" else "val"
+                out.append(Stage(f"{prefix}-{arm}-{label}-{_slug(bench.name)}", "eval", key,
+                                 deps=[artifact] if artifact else [], arm=arm, benchmark=bench.name,
+                                 checkpoint=label))
+    return out
 
 
-def checkpoint_eval_stages(recipe: Recipe, run_dir: Path, train_stage: Stage, steps: list[int],
-                           last_step: int) -> list[Stage]:
-    """Evaluation stages for a training arm's intermediate checkpoints (test split), and validation-split
-    evaluations of every checkpoint, the last included, for benchmarks that have one.
-
-    Known only once training has finished (the checkpoint list lives in its manifest). Checkpoints are selected
-    on the validation split, never on test.
-    """
-    env = package_versions()
-    stages = []
-
-    def add(prefix: str, checkpoint: str, bench, options: dict, split: str) -> None:
-        key = {"benchmark": {**bench.model_dump(mode="json"), "options": options}, "split": split,
-               "backend": recipe.evaluation.backend, "dtype": recipe.backbone.dtype, "seed": recipe.seed,
-               "checkpoint": checkpoint, "prompt_version": _prompt_version(bench.name, options)}
-        stage = Stage(f"{prefix}-{train_stage.arm}-{checkpoint}-{_slug(bench.name)}", "eval", key,
-                      deps=[train_stage.name], arm=train_stage.arm, benchmark=bench.name, checkpoint=checkpoint)
-        _place(stage, {train_stage.name: train_stage.hash}, env, run_dir)
-        stages.append(stage)
-
-    for step in steps:
-        for bench in recipe.evaluation.benchmarks:
-            if step != last_step:
-                add("eval", f"step-{step}", bench, bench.options, "test")
-            if bench.name in VALIDATION_BENCHMARKS:
-                add("val", "last" if step == last_step else f"step-{step}", bench,
-                    {**bench.options, "split": "validation"}, "validation")
-    return stages
+def start_selection_stages(recipe: Recipe, stages: dict[str, Stage]) -> list[str]:
+    """The FFT evaluations ``mask.start_from`` chooses among: every checkpoint on the first benchmark's test split
+    (``best-test``), or on the validation split of the first benchmark that has one (``best-val``; none: the
+    validation loss FFT logged, no stage needed)."""
+    first = recipe.evaluation.benchmarks[0].name
+    if recipe.mask.start_from == "best-test":
+        wanted = ("eval", first)
+    else:
+        with_validation = [b.name for b in recipe.evaluation.benchmarks if b.name in VALIDATION_BENCHMARKS]
+        if not with_validation:
+            return []
+        wanted = ("val", with_validation[0])
+    return [s.name for s in stages.values()
+            if s.kind == "eval" and s.arm == "fft" and s.name.startswith(wanted[0] + "-") and s.benchmark == wanted[1]]
 
 
 def _slug(name: str) -> str:
@@ -176,17 +204,20 @@ def stages_to_force(stages: list[Stage], names: list[str]) -> set[str]:
     return {name for name in selected if name in by_name}
 
 
-def retire_folder(folder: Path) -> Path | None:
-    """Move a stage folder aside instead of deleting it: nothing finished is lost, even on ``--force``."""
+def retire_folder(folder: Path, *, into: Path | None = None) -> Path | None:
+    """Move a stage folder (or a file) aside instead of deleting it, into ``.superseded`` beside it unless ``into``
+    says where: nothing finished is lost, even on ``--force``."""
     if not folder.exists():
         return None
-    target = folder.parent / ".superseded" / f"{folder.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    target = (into or folder.parent / ".superseded") / f"{folder.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(folder), str(target))
     return target
 
 
 def finish_stage(stage: Stage, outputs: dict[str, Any]) -> None:
-    """Write the manifest last: from here on the stage counts as finished."""
+    """Write the manifest last: from here on the stage counts as finished. It lists the stage's files, so a rerun
+    can tell a stage whose files were lost or changed (``run_folder.stage_problem``)."""
     write_json_atomic(stage.manifest_path, {"stage": stage.name, "hash": stage.hash, "key": stage.key,
-                                            "deps": stage.deps, "outputs": outputs})
+                                            "deps": stage.deps, "outputs": outputs,
+                                            "files": file_inventory(stage.folder)})

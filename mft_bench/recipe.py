@@ -20,9 +20,11 @@ from mft_bench import strict_yaml
 from mft_bench.data import SourceSpec
 from mft_bench.errors import MftBenchError
 
-ARMS = ("baseline", "fft", "mft", "lora", "random_mask", "magnitude_mask")
+ARMS = ("baseline", "fft", "mft", "lora", "random_mask", "magnitude_mask", "l1_mask")
 # arms that need the FFT model first
-NEEDS_FFT = ("mft", "random_mask", "magnitude_mask")
+NEEDS_FFT = ("mft", "random_mask", "magnitude_mask", "l1_mask")
+# mask baselines: arm -> mask kind (masking.baselines); l1_mask is the paper's structured "L1 mask"
+MASK_BASELINES = {"random_mask": "random", "magnitude_mask": "magnitude", "l1_mask": "l1_rows"}
 # training arms whose every process needs the whole model (they cannot shard weights)
 REPLICATED_ARMS = ("mft", "lora")
 # keys of earlier recipe versions: the one line that says what replaced them
@@ -99,8 +101,16 @@ class TrainSpec(_Strict):
             raise ValueError("must be -1 (train for epochs) or a positive step count, got 0")
         return value
 
+    @property
+    def export_count(self) -> int:
+        from mft_bench.train.config import export_count
+
+        return export_count(self.epochs, self.save_every)
+
     @model_validator(mode="after")
     def _batch_divides(self) -> "TrainSpec":
+        if self.save_every is not None and self.max_steps > 0:
+            raise ValueError("save_every is a fraction of the epochs trained; with max_steps leave it null")
         if self.global_batch_size % self.per_device_batch_size:
             raise ValueError(
                 f"global_batch_size {self.global_batch_size} is not a multiple of per_device_batch_size "
@@ -128,11 +138,17 @@ class LoraSpec(TrainSpec):
 
 
 class MaskRecipe(_Strict):
+    """Which weights the masks cover and how. ``start_from``: the FFT checkpoint MFT and the mask baselines start
+    from: ``last``, ``best-val`` (best on the validation split of the first benchmark that has one, else lowest
+    validation loss), ``best-test`` (best on the first benchmark's test split: the paper's protocol, optimistic)
+    or ``step-N``."""
+
     layers: list[int] = Field(min_length=1)
     modules: list[str] | None = None
     mask_ratio: float = 0.1
     init: Literal["normal", "magnitude"] = "normal"
     mode: Literal["local", "global"] = "local"
+    start_from: str = Field(default="last", pattern=r"^(last|best-val|best-test|step-[1-9][0-9]*)$")
 
     @field_validator("mask_ratio")
     @classmethod
@@ -179,9 +195,15 @@ class BenchmarkSpec(_Strict):
 
 
 class EvaluationSpec(_Strict):
+    """``checkpoints: all`` also evaluates every intermediate export of the training arms (their ``save_every``);
+    the report then adds rows of the checkpoint chosen on the validation split (``@val``) and, with
+    ``test_selected``, of the one best on the test benchmark itself (``@test``: the paper's protocol, optimistic,
+    labelled wherever it is shown, never the headline)."""
+
     backend: Literal["hf", "vllm"] = "hf"
     batch_size: int = Field(default=32, ge=1)
     checkpoints: Literal["last", "all"] = "last"
+    test_selected: bool = False
     # each evaluation in a process of its own, on the model's saved folder (default: with vllm, whose engine must
     # start after training gave the GPU back, and never share a process with another engine)
     fresh_process: bool | None = None
@@ -201,7 +223,7 @@ class Recipe(_Strict):
     seed: int = Field(default=0, ge=0, le=SEED_MAX)
     backbone: BackboneSpec = Field(default_factory=BackboneSpec)
     data: DataSpec
-    arms: list[Literal["baseline", "fft", "mft", "lora", "random_mask", "magnitude_mask"]] = Field(
+    arms: list[Literal["baseline", "fft", "mft", "lora", "random_mask", "magnitude_mask", "l1_mask"]] = Field(
         default_factory=lambda: list(ARMS), min_length=1
     )
     mask: MaskRecipe
@@ -225,6 +247,15 @@ class Recipe(_Strict):
         needing = [arm for arm in self.arms if arm in NEEDS_FFT]
         if needing and "fft" not in self.arms:
             raise ValueError(f"arms {needing} start from the FFT model: add 'fft' to arms")
+        start = self.mask.start_from
+        if start.startswith("best") and self.evaluation.checkpoints != "all":
+            raise ValueError(f"mask.start_from {start} chooses among FFT checkpoints: set evaluation.checkpoints: all "
+                             "(and fft.save_every)")
+        if start == "best-test" and not self.evaluation.test_selected:
+            raise ValueError("mask.start_from best-test selects on the test benchmark: set "
+                             "evaluation.test_selected: true so the report labels it")
+        if self.evaluation.test_selected and self.evaluation.checkpoints != "all":
+            raise ValueError("evaluation.test_selected picks among checkpoints: set evaluation.checkpoints: all")
         for arm in REPLICATED_ARMS:
             if getattr(self, arm).strategy == "fsdp":
                 raise ValueError(

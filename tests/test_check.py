@@ -87,3 +87,12 @@ def test_update_tolerance_rules():
     assert {m["tolerance"] for m in reference_from_report(tight)["metrics"]} == {0.02}
     with pytest.raises(MftBenchError):
         reference_from_report(_report(), tolerance=-1.0)
+
+
+def test_fewer_items_than_the_reference_is_a_regression_even_at_the_same_value():
+    reference = _reference([("mft", 0.47, 0.0)])
+    reference["metrics"][0]["n"] = 1320  # the run lost an item (a damaged records file), the mean did not move
+    (failure,) = check_against_reference(_report(), reference)
+    assert failure == "mft/gsm8k/exact_match: 1319 items in the report, 1320 in the reference"
+    written = reference_from_report(_report(deterministic=True))
+    assert {entry["n"] for entry in written["metrics"]} == {1319}

@@ -179,22 +179,55 @@ def test_evaluations_in_fresh_processes_write_the_same_records(reference_run, tm
     assert (baseline_eval / "model" / "config.json").is_file()
 
 
-def test_intermediate_checkpoints_are_selected_on_validation(tmp_path):
-    recipe = {**MINI, "name": "mini-ckpt", "arms": ["baseline", "fft", "mft"]}
-    recipe["fft"] = {**MINI["fft"], "save_every": 0.5}
-    recipe["mft"] = {**MINI["mft"], "save_every": 0.5}
-    recipe["evaluation"] = {**MINI["evaluation"], "checkpoints": "all"}
+def test_checkpoints_selected_on_validation_and_labelled_when_on_test(tmp_path):
+    """Every export of every training arm (LoRA's too) evaluated; rows of the validation-selected checkpoints and,
+    asked for, of the test-selected ones (labelled); MFT and the structured L1 baseline start from FFT's best
+    checkpoint on the test benchmark, which the plan ran before them."""
+    from mft_bench.masking import load_masks
+
+    recipe = {**MINI, "name": "mini-ckpt", "arms": ["baseline", "fft", "mft", "lora", "l1_mask"]}
+    for arm in ("fft", "mft"):
+        recipe[arm] = {**MINI[arm], "save_every": 0.5}
+    recipe["lora"] = {**MINI["fft"], "save_every": 0.5, "r": 4, "alpha": 8}
+    recipe["mask"] = {**MINI["mask"], "start_from": "best-test"}
+    recipe["evaluation"] = {**MINI["evaluation"], "checkpoints": "all", "test_selected": True}
     path = tmp_path / "ckpt.yaml"
     path.write_text(yaml.safe_dump(recipe))
     assert main(["run", str(path), "--out", str(tmp_path / "run")]) == 0
     run = json.loads((tmp_path / "run" / "run.json").read_text())
-    for arm in ("fft", "mft"):
-        test_steps = sorted(e["step"] for e in run["evaluations"] if e["arm"] == arm and e["split"] == "test")
-        val_steps = sorted(e["step"] for e in run["evaluations"] if e["arm"] == arm and e["split"] == "validation")
-        assert len(test_steps) >= 2 and test_steps == val_steps  # every checkpoint on test and on validation
+    fft_scores = {}
+    for arm in ("fft", "mft", "lora"):
+        test = {e["checkpoint"]: e for e in run["evaluations"] if e["arm"] == arm and e["split"] == "test"}
+        val = {e["checkpoint"]: e for e in run["evaluations"] if e["arm"] == arm and e["split"] == "validation"}
+        assert list(test) == list(val) == ["ckpt-1", "ckpt-2", "ckpt-3", "last"]  # 2 epochs / 0.5: 4 exports
+        steps = [test[label]["step"] for label in test]
+        assert steps == sorted(steps) and len(set(steps)) == 4
+        if arm == "fft":
+            fft_scores = {e["step"]: json.loads((tmp_path / "run" / e["metrics"]).read_text())["metrics"]
+                          ["exact_match_flexible"]["mean"] for e in test.values()}
+    best = max(sorted(fft_scores), key=lambda step: fft_scores[step])  # earliest of the best
+    for arm in ("mft", "l1_mask"):
+        start = run["mask_start"][arm]
+        assert (start["from"], start["step"]) == ("best-test", best) and "test-selected" in start["rule"]
+    from transformers import AutoModelForCausalLM
+
+    from mft_bench.errors import MftBenchError
+
+    for step in fft_scores:  # the masks were made on that checkpoint's weights, not on another's
+        (export,) = (tmp_path / "run" / "stages").glob(f"fft-*/work/exports/step-{step}")
+        base = AutoModelForCausalLM.from_pretrained(export)
+        if step == best:
+            load_masks(tmp_path / "run" / run["masks"]["mft"], base_model=base)
+        else:
+            with pytest.raises(MftBenchError, match="base"):
+                load_masks(tmp_path / "run" / run["masks"]["mft"], base_model=base)
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     arms = {row["arm"] for row in report["rows"]}
-    assert {"fft", "fft@val", "mft", "mft@val"} <= arms
+    assert {"fft@val", "mft@val", "lora@val", "fft@test", "mft@test", "lora@test"} <= arms
+    assert not {"baseline@test", "l1_mask@test"} & arms  # one checkpoint: nothing to select
+    markdown = (tmp_path / "run" / "report.md").read_text()
+    assert "mft (test-selected‡)" in markdown and "## Test-selected checkpoints" in markdown
+    assert "optimistic" in markdown and "## Mask starting point" in markdown
 
 
 def test_lm_eval_task_through_the_pipeline(tmp_path, shared_data, monkeypatch):

@@ -63,6 +63,11 @@ def test_removed_training_keys_name_their_replacement(tmp_path, key, fix):
     ("mft.strategy=fsdp", "mft.strategy fsdp"),
     ("fft.global_batch_size=6", "not a multiple of per_device_batch_size 4"),
     ("backbone.dtype=float16", None),  # mixed fp16 is fine
+    ("mask.start_from=best-test", "set evaluation.checkpoints: all"),
+    ("evaluation.test_selected=true", "set evaluation.checkpoints: all"),
+    ("mask.start_from=step-0", "start_from"),
+    ("mask.start_from=middle", "start_from"),
+    ("fft.max_steps=5", None),
 ])
 def test_training_settings_the_recipe_alone_refuses(override, message):
     if message is None:
@@ -106,3 +111,11 @@ def test_evaluation_sandbox_setting_reaches_the_code_benchmarks(monkeypatch):
     assert registry.make_benchmark("humaneval", sandbox="rlimits").sandbox == "rlimits"
     assert registry.make_benchmark("humaneval_plain").sandbox == "namespace"
     assert registry.make_benchmark("gsm8k", sandbox="rlimits").name == "gsm8k"  # no code, no sandbox option
+
+
+def test_best_test_start_needs_the_labelled_test_selection():
+    with pytest.raises(MftBenchError, match="test_selected: true"):
+        load_recipe(ROOT / "tasks" / "smoke.yaml", ["evaluation.checkpoints=all", "mask.start_from=best-test"])
+    recipe = load_recipe(ROOT / "tasks" / "smoke.yaml", ["evaluation.checkpoints=all", "evaluation.test_selected=true",
+                                                          "mask.start_from=best-test", "fft.save_every=0.5"])
+    assert recipe.fft.export_count == 2

@@ -218,12 +218,12 @@ def test_paper_table_across_recipes(run_and_report, written, tmp_path):
     assert mft["paper_value"] == 47.3 and mft["paper_delta_vs_fft"] == pytest.approx(0.4)
     assert mft["delta_vs_fft"] == pytest.approx(100 * 8 / N_GSM8K)
     assert mft["paper_selection"] == "test-selected" and mft["paper_read_off"] is False
-    # the paper's L1 mask is structured: its number stands under l1_rows, not beside our unstructured magnitude mask
+    # the paper's L1 mask is structured: its number stands under l1_mask, not beside our unstructured magnitude mask
     by_arm = {r["arm"]: r for r in rows[:7]}  # the first run's block (the other run names no paper)
-    assert by_arm["l1_rows"]["paper_value"] == 31.9 and by_arm["magnitude_mask"]["paper_value"] is None
+    assert by_arm["l1_mask"]["paper_value"] == 31.9 and by_arm["magnitude_mask"]["paper_value"] is None
     markdown = (tmp_path / "out" / "paper_table.md").read_text()
     assert markdown.count("| paper (test-selected) |") == 1 and "47.3 (+0.4)" in markdown
-    assert "L1 rows mask" in markdown
+    assert "L1 mask (rows)" in markdown
 
 
 def test_paper_table_marks_read_off_numbers(tmp_path):
@@ -253,7 +253,7 @@ def test_shipped_paper_files_load_with_their_sources():
         assert data["key"] == key and data["selection"] == "test-selected" and data["source"]["commit"]
         assert set(data["domains"]) == {"math", "coding", "instruction"}
         for entry in data["domains"].values():
-            assert set(entry["values"]) == {"baseline", "fft", "lora", "random_mask", "l1_rows", "mft"}
+            assert set(entry["values"]) == {"baseline", "fft", "lora", "random_mask", "l1_mask", "mft"}
             assert entry["source"]
         assert data["abstract"]["domain"] == "coding"
     llama2, llama31 = load_paper_numbers("llama2-7b"), load_paper_numbers("llama3.1-8b")
@@ -385,3 +385,31 @@ def test_report_names_the_sandbox_isolation_of_every_code_benchmark(tmp_path):
     markdown = (run_dir / "report.md").read_text()
     assert "## Code execution" in markdown
     assert "- humaneval: namespace (pretrained, fft, mft, random_mask, magnitude_mask), rlimits (lora)" in markdown
+
+
+def test_test_selected_rows_only_when_asked_labelled_and_beside_the_paper(tmp_path):
+    """Where the run asked for it, each trained arm gets a row of its checkpoint best on the test benchmark itself
+    (per benchmark; ties -> earliest); it is labelled wherever shown and is what the paper table sets beside the
+    paper's (test-selected) numbers; without the flag there is no such row."""
+    plain = build_report(make_run(tmp_path / "plain"), n_bootstrap=200, seed=0)
+    assert not any(r["arm"].endswith("@test") for r in plain["rows"]) and "test_selection" not in plain
+    run_dir = make_run(tmp_path / "asked")
+    run = json.loads((run_dir / "run.json").read_text())
+    run["test_selected"] = True
+    (run_dir / "run.json").write_text(json.dumps(run))
+    report = build_report(run_dir, n_bootstrap=200, seed=0)
+    rows = {(r["arm"], r["benchmark"], r["metric"]): r for r in report["rows"]}
+    # fft on gsm8k: steps 10 and 20 score ~0.2-0.25 on test, last ~0.45 -> last; mft: its last is FFT's + 8 items
+    assert report["test_selection"]["fft"]["gsm8k"]["checkpoint"] == "last"
+    assert rows[("mft@test", "gsm8k", "exact_match")]["value"] == rows[("mft", "gsm8k", "exact_match")]["value"]
+    assert ("lora@test", "gsm8k", "exact_match") not in rows  # one checkpoint: nothing was selected
+    assert any(c["arm_a"] == "mft@test" and c["arm_b"] == "fft@test" for c in report["comparisons"])
+    write_report(report, run_dir)
+    markdown = (run_dir / "report.md").read_text()
+    assert "| mft (test-selected‡) |" in markdown and "## Test-selected checkpoints" in markdown
+    paper_table([run_dir], tmp_path / "out")
+    table = json.loads((tmp_path / "out" / "paper_table.json").read_text())["rows"]
+    assert {r["selection"] for r in table} == {"test-selected"}
+    assert "ours (fake, tiny; test-selected‡)" in (tmp_path / "out" / "paper_table.md").read_text()
+    paper_table([make_run(tmp_path / "last", paper_key="llama2-7b")], tmp_path / "out2")
+    assert "ours (fake, tiny; last checkpoint)" in (tmp_path / "out2" / "paper_table.md").read_text()

@@ -12,9 +12,8 @@ from mft_bench.train.lora import SEVEN_PROJECTIONS, default_target_modules
 from mft_bench.train.sampling import EpochSeededLengthGroupedSampler
 from mft_bench.train.strategy import fsdp_arguments, refuse_launcher_strategy, resolve_strategy
 from mft_bench.train.trainer import (
-    interval_steps,
+    export_steps,
     last_checkpoint,
-    save_steps,
     training_arguments,
     updates_per_epoch,
 )
@@ -42,18 +41,35 @@ def test_step_schedule_matches_trainer_counting():
     assert updates_per_epoch(25, 4, 2, 1) == 4  # 7 batches -> last step takes one
     assert updates_per_epoch(24, 4, 2, 2) == 2  # 6 batches over 2 ranks: 3 each -> 2 steps
     assert updates_per_epoch(3, 4, 32, 1) == 1
-    assert interval_steps(1 / 3, 9) == 3 and interval_steps(None, 9) is None and interval_steps(0.01, 9) == 1
-    assert save_steps(6, 4, 100) == 2 and save_steps(None, None, 100) == 100 and save_steps(3, None, 100) == 3
+    # the paper's save_every 1/3 over 2 epochs: 6 exports, evenly spaced, the last at the end
+    assert TrainConfig(epochs=2, save_every=0.3333).export_count == 6 and TrainConfig().export_count == 1
+    assert export_steps(6, 938) == [156, 313, 469, 625, 782, 938]
+    assert export_steps(3, 6) == [2, 4, 6] and export_steps(1, 7) == [7]
+    assert export_steps(4, 2) == [1, 1, 2, 2]  # fewer steps than exports: they share steps
+    with pytest.raises(MftBenchError, match="max_steps"):
+        TrainConfig(max_steps=5, save_every=0.5)
 
 
-def test_last_checkpoint_skips_incomplete(tmp_path):
+def test_last_checkpoint_skips_incomplete_and_damaged_ones(tmp_path, caplog):
+    import json
+
+    from mft_bench.train.callbacks import SEAL
+
     assert last_checkpoint(tmp_path / "missing") is None
     for step in (2, 4, 10):
-        (tmp_path / f"checkpoint-{step}").mkdir()
-    (tmp_path / "checkpoint-2" / "trainer_state.json").write_text("{}")
-    (tmp_path / "checkpoint-4" / "trainer_state.json").write_text("{}")
-    # checkpoint-10 was being written when the process died: no trainer_state.json yet
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "trainer_state.json").write_text("{}")
+        (folder / "optimizer.pt").write_bytes(b"x" * 64)
+    for step in (2, 4):  # sealed once every file was saved; checkpoint-10 was being written when the process died
+        folder = tmp_path / f"checkpoint-{step}"
+        (folder / SEAL).write_text(json.dumps({"trainer_state.json": 2, "optimizer.pt": 64}))
     assert last_checkpoint(tmp_path) == tmp_path / "checkpoint-4"
+    (tmp_path / "checkpoint-4" / "optimizer.pt").write_bytes(b"x" * 10)  # truncated later
+    assert last_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+    assert "not resuming from checkpoint-4: optimizer.pt has 10 bytes, not 64" in caplog.text
+    (tmp_path / "checkpoint-2" / "optimizer.pt").unlink()
+    assert last_checkpoint(tmp_path) is None
 
 
 def test_length_grouped_order_depends_only_on_seed_and_epoch():

@@ -2,7 +2,9 @@
 
 Rows: one per (arm, benchmark, metric) for every arm's last checkpoint, and, when intermediate
 checkpoints were evaluated on the validation split, one more family ``"<arm>@val"`` with the TEST
-numbers of the validation-selected checkpoint (see :func:`mft_bench.report.collect.select_by_validation`).
+numbers of the validation-selected checkpoint (see :func:`mft_bench.report.collect.select_by_validation`). Where the
+recipe asks for it (``evaluation.test_selected``), a family ``"<arm>@test"``: per benchmark, the checkpoint best on
+that test benchmark itself, the paper's protocol, optimistic and labelled so wherever it is shown.
 
 Comparisons (paired, on the intersection of item ids) within each family: every arm vs ``fft`` and
 ``mft`` vs every other arm, for every metric with item-level scores in both arms (see
@@ -27,6 +29,8 @@ import numpy as np
 
 from mft_bench.report import stats
 from mft_bench.report.collect import (
+    SELECTION_SUFFIXES,
+    TEST_SUFFIX,
     VAL_SUFFIX,
     Evaluation,
     RunData,
@@ -35,7 +39,9 @@ from mft_bench.report.collect import (
     evaluations_at,
     last_test_evaluations,
     load_run,
+    select_by_test,
     select_by_validation,
+    split_arm,
 )
 from mft_bench.report.paper import load_paper_numbers
 
@@ -89,11 +95,14 @@ def _row(
     }
 
 
-def _families(run: RunData) -> tuple[list[tuple[str, dict[str, Evaluation]]], dict[str, Any]]:
-    """[(row arm name, benchmark -> evaluation)] for last checkpoints then "@val" ones; and the selections."""
+def _families(run: RunData) -> tuple[list[tuple[str, dict[str, Evaluation]]], dict[str, Any], dict[str, Any]]:
+    """[(row arm name, benchmark -> evaluation)] for last checkpoints, then "@val" ones, then "@test" ones (where
+    the run asked for them); the validation selections; the test selections."""
     last: list[tuple[str, dict[str, Evaluation]]] = []
     selected: list[tuple[str, dict[str, Evaluation]]] = []
+    test_selected: list[tuple[str, dict[str, Evaluation]]] = []
     selection: dict[str, Any] = {}
+    test_selection: dict[str, Any] = {}
     for arm in run.arms:
         evaluations = last_test_evaluations(run, arm)
         if evaluations:
@@ -111,7 +120,12 @@ def _families(run: RunData) -> tuple[list[tuple[str, dict[str, Evaluation]]], di
                 "candidates": chosen.candidates,
                 "rule": "best mean validation primary metric; ties -> earliest checkpoint",
             }
-    return last + selected, selection
+        best_on_test = select_by_test(run, arm) if run.raw.get("test_selected") else {}
+        if best_on_test:
+            test_selected.append((arm + TEST_SUFFIX, best_on_test))
+            test_selection[arm] = {bench: {"checkpoint": e.checkpoint, "step": e.step}
+                                   for bench, e in best_on_test.items()}
+    return last + selected + test_selected, selection, test_selection
 
 
 def _pairs(arms: list[str], suffix: str) -> list[tuple[str, str]]:
@@ -146,10 +160,11 @@ def _comparisons(
     families: list[tuple[str, dict[str, Evaluation]]], *, confidence: float, n_bootstrap: int, seed: int
 ) -> list[dict[str, Any]]:
     by_arm = dict(families)
-    plain = [arm for arm, _ in families if not arm.endswith(VAL_SUFFIX)]
-    selected = [arm for arm, _ in families if arm.endswith(VAL_SUFFIX)]
+    pairs = []
+    for selection, suffix in SELECTION_SUFFIXES.items():  # comparisons stay within one selection
+        pairs += _pairs([arm for arm, _ in families if split_arm(arm)[1] == selection], suffix)
     out: list[dict[str, Any]] = []
-    for arm_a, arm_b in _pairs(plain, "") + _pairs(selected, VAL_SUFFIX):
+    for arm_a, arm_b in pairs:
         for benchmark, evaluation_a in by_arm[arm_a].items():
             evaluation_b = by_arm[arm_b].get(benchmark)
             if evaluation_b is None:
@@ -220,7 +235,7 @@ def _resolution(
 def build_report(run_dir: Path, *, confidence: float = 0.95, n_bootstrap: int = 10_000, seed: int = 0) -> dict:
     """The ``report.json`` structure of one run folder (deterministic for a given seed)."""
     run = load_run(Path(run_dir))
-    families, selection = _families(run)
+    families, selection, test_selection = _families(run)
     settings = {"confidence": confidence, "n_bootstrap": n_bootstrap, "seed": seed}
     rows = [
         _row(arm, evaluation, metric, confidence=confidence, n_bootstrap=n_bootstrap, seed=seed)
@@ -260,6 +275,11 @@ def build_report(run_dir: Path, *, confidence: float = 0.95, n_bootstrap: int = 
         "provenance": provenance,
         "paper": None,
     }
+    if test_selection:  # only in runs that asked for it (the key is absent otherwise)
+        report["test_selection"] = test_selection
+    starts = run.raw.get("mask_start") or {}
+    if any(start.get("from", "last") != "last" for start in starts.values()):
+        report["mask_start"] = starts
     if run.paper_key:
         paper = load_paper_numbers(run.paper_key)
         if paper is None:

@@ -3,9 +3,11 @@
 Reference format::
 
     {"recipe": "smoke", "created_with": {...},
-     "metrics": [{"arm": "mft", "benchmark": "gsm8k", "metric": "exact_match", "value": 0.47, "tolerance": 0.02}]}
+     "metrics": [{"arm": "mft", "benchmark": "gsm8k", "metric": "exact_match", "value": 0.47, "tolerance": 0.02,
+                  "n": 1319}]}
 
-A metric passes when the report has the same (arm, benchmark, metric) row and
+A metric passes when the report has the same (arm, benchmark, metric) row, on the same number of items ``n``
+where the reference records it (a records file that lost lines is a regression, not a pass), and
 ``|value - reference| <= tolerance + 1e-9``; a missing row fails.
 
 Tolerance written by :func:`write_reference` when none is given:
@@ -81,6 +83,9 @@ def check_against_reference(report: dict, reference: dict) -> list[str]:
         if value is None or not math.isfinite(float(value)):
             failures.append(f"{_name(key)}: no value in the report (reference {expected:.6g} ± {tolerance:.6g})")
             continue
+        if "n" in entry and row.get("n") != entry["n"]:
+            failures.append(f"{_name(key)}: {row.get('n')} items in the report, {entry['n']} in the reference")
+            continue
         difference = float(value) - expected
         if abs(difference) > tolerance + EPSILON:
             failures.append(
@@ -126,7 +131,7 @@ def reference_from_report(report: dict, *, tolerance: float | None = None) -> di
         else:
             allowed = default_tolerance(row, confidence=confidence)
         metrics.append({"arm": row["arm"], "benchmark": row["benchmark"], "metric": row["metric"],
-                        "value": float(row["value"]), "tolerance": float(allowed)})
+                        "value": float(row["value"]), "tolerance": float(allowed), "n": int(row["n"])})
     provenance = report.get("provenance") or {}
     return {
         "recipe": report.get("recipe"),

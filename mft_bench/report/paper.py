@@ -20,14 +20,14 @@ from typing import Any
 import pandas as pd
 
 from mft_bench.errors import MftBenchError
-from mft_bench.report.collect import atomic_write_text, dumps_json, read_json
+from mft_bench.report.collect import SELECTION_SUFFIXES, atomic_write_text, dumps_json, read_json
 
 log = logging.getLogger(__name__)
 
-PAPER_ARMS = ("baseline", "fft", "lora", "random_mask", "magnitude_mask", "l1_rows", "mft")
+PAPER_ARMS = ("baseline", "fft", "lora", "random_mask", "magnitude_mask", "l1_mask", "mft")
 ARM_LABELS = {
     "baseline": "Pretrained", "fft": "FFT", "lora": "LoRA", "random_mask": "Random mask",
-    "magnitude_mask": "Magnitude mask", "l1_rows": "L1 rows mask", "mft": "MFT",
+    "magnitude_mask": "Magnitude mask", "l1_mask": "L1 mask (rows)", "mft": "MFT",
 }
 DOMAIN_BENCHMARKS = {"math": "gsm8k", "coding": "humaneval", "instruction": "ifeval"}
 SELECTIONS = ("last", "val", "test-selected")  # how a number's checkpoint was chosen
@@ -124,15 +124,19 @@ def paper_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     if headline is None:
         return []
     benchmark, metric = headline
-    rows = {r["arm"]: r for r in report["rows"] if r["benchmark"] == benchmark and r["metric"] == metric}
-    deltas = {c["arm_a"]: c for c in report["comparisons"]
-              if c["arm_b"] == "fft" and c["benchmark"] == benchmark and c["metric"] == metric}
     entry = (report.get("paper") or {}).get("entry")
     selection = (report.get("paper") or {}).get("selection")
+    our_selection = _our_selection(report, benchmark, metric, selection)
+    suffix = SELECTION_SUFFIXES[our_selection]
+    rows = {r["arm"]: r for r in report["rows"] if r["benchmark"] == benchmark and r["metric"] == metric}
+    deltas = {c["arm_a"]: c for c in report["comparisons"]
+              if c["arm_b"] == "fft" + suffix and c["benchmark"] == benchmark and c["metric"] == metric}
     paper_fft = paper_value(entry, "fft")
     out = []
     for arm in PAPER_ARMS:
-        row, delta = rows.get(arm), deltas.get(arm)
+        # a selected family has rows only for the trained arms; the others have one checkpoint: their last
+        row = rows.get(arm + suffix) or rows.get(arm)
+        delta = deltas.get(arm + suffix) or deltas.get(arm) if suffix else deltas.get(arm)
         ours = row["value"] * 100.0 if row else None
         if arm == "fft" and row:
             delta_value: float | None = 0.0
@@ -150,8 +154,18 @@ def paper_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             "paper_delta_vs_fft": (paper - paper_fft) if paper is not None and paper_fft is not None else None,
             "paper_read_off": paper_read_off(entry, arm) if paper is not None else None,
             "paper_selection": selection if paper is not None else None,
+            "selection": our_selection,
         })
     return out
+
+
+def _our_selection(report: dict[str, Any], benchmark: str, metric: str, paper_selection: str | None) -> str:
+    """Our rows to set beside the paper's: the same checkpoint selection where the run has it, else the last."""
+    wanted = paper_selection if paper_selection in SELECTION_SUFFIXES else "last"
+    suffix = SELECTION_SUFFIXES[wanted]
+    present = any(r["arm"].endswith(suffix) for r in report["rows"]
+                  if r["benchmark"] == benchmark and r["metric"] == metric) if suffix else True
+    return wanted if present else "last"
 
 
 def _present(value: Any) -> bool:
@@ -189,8 +203,12 @@ def _blocks(frame: pd.DataFrame) -> list[tuple[list[str], list[str] | None, str]
         paper = [_paper_cell(r) for r in group.itertuples()] if group["paper_value"].notna().any() else None
         selections = group["paper_selection"].dropna().unique()
         label = f"paper ({selections[0]})" if len(selections) else "paper"
-        blocks.append((ours, paper, label))
+        blocks.append((ours, paper, label, str(group["selection"].iloc[0])))
     return blocks
+
+
+def _selection_label(selection: str) -> str:
+    return "test-selected‡" if selection == "test-selected" else f"{selection} checkpoint"
 
 
 def render_paper_markdown(frame: pd.DataFrame) -> str:
@@ -202,17 +220,20 @@ def render_paper_markdown(frame: pd.DataFrame) -> str:
         "at 5% (McNemar exact for 0/1 scores, paired bootstrap otherwise). Paper rows: numbers the paper "
         "reports (results/paper/), not comparable in backbone size unless the backbone matches; in brackets "
         "how the paper chose each arm's checkpoint (test-selected: best on the test benchmark itself); "
-        f"{READ_OFF_MARK} read off the paper's plot.",
+        f"{READ_OFF_MARK} read off the paper's plot. Our rows use the paper's selection where the run evaluated its "
+        "checkpoints for it (test-selected‡: chosen on the test set, optimistic, there only to be compared with the "
+        "paper's), else the last checkpoint, as their label says.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---"] * len(header)) + "|",
     ]
     groups = list(frame.groupby(["domain", "backbone", "recipe"], sort=False, dropna=False))
-    for (key, group), (ours, paper, paper_label) in zip(groups, _blocks(frame)):
+    for (key, group), (ours, paper, paper_label, selection) in zip(groups, _blocks(frame)):
         domain, backbone, recipe = key
         first = group.iloc[0]
         label = f"{first['benchmark']}:{first['metric']}"
-        lines.append("| " + " | ".join([str(domain or "—"), label, f"ours ({recipe}, {backbone})", *ours]) + " |")
+        source = f"ours ({recipe}, {backbone}; {_selection_label(selection)})"
+        lines.append("| " + " | ".join([str(domain or "—"), label, source, *ours]) + " |")
         if paper is not None:
             lines.append("| " + " | ".join(["", "", paper_label, *paper]) + " |")
     return "\n".join(lines) + "\n"
@@ -230,12 +251,12 @@ def render_paper_latex(frame: pd.DataFrame) -> str:
         "\\midrule",
     ]
     groups = list(frame.groupby(["domain", "backbone", "recipe"], sort=False, dropna=False))
-    for (key, group), (ours, paper, paper_label) in zip(groups, _blocks(frame)):
+    for (key, group), (ours, paper, paper_label, selection) in zip(groups, _blocks(frame)):
         domain, _, recipe = key
         first = group.iloc[0]
         cells = [latex_escape(c).replace("†", "$^\\dagger$") for c in ours]
         lines.append(" & ".join([latex_escape(str(domain or "--")), latex_escape(str(first["benchmark"])),
-                                 latex_escape(f"ours ({recipe})"), *cells]) + " \\\\")
+                                 latex_escape(f"ours ({recipe}; {_selection_label(selection)})"), *cells]) + " \\\\")
         if paper is not None:
             lines.append(" & ".join(["", "", latex_escape(paper_label),
                                      *[latex_escape(c).replace(READ_OFF_MARK, "$\\approx$") for c in paper]]) + " \\\\")

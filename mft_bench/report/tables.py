@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from mft_bench.report.collect import VAL_SUFFIX, atomic_write_text
+from mft_bench.report.collect import SELECTION_SUFFIXES, atomic_write_text, split_arm
 from mft_bench.report.paper import READ_OFF_MARK, paper_read_off, paper_value
 
 MARK = "†"
@@ -24,11 +24,16 @@ _LATEX_SPECIAL = {
 }
 
 
+TEST_SELECTED_NOTE = ("test-selected‡: the checkpoint best on this test benchmark itself (the paper's protocol), "
+                      "an optimistic number shown only to stand beside the paper's; not an estimate of performance")
+
+
 def display_arm(arm: str) -> str:
-    """Row label of an arm: ``baseline`` -> ``pretrained``; ``x@val`` -> ``x (val-selected)``."""
-    base, selected = (arm[: -len(VAL_SUFFIX)], True) if arm.endswith(VAL_SUFFIX) else (arm, False)
+    """Row label of an arm: ``baseline`` -> ``pretrained``; ``x@val`` -> ``x (val-selected)``; ``x@test`` ->
+    ``x (test-selected‡)``."""
+    base, selection = split_arm(arm)
     label = "pretrained" if base == "baseline" else base
-    return f"{label} (val-selected)" if selected else label
+    return {"last": label, "val": f"{label} (val-selected)", "test-selected": f"{label} (test-selected‡)"}[selection]
 
 
 def latex_escape(text: str) -> str:
@@ -51,7 +56,7 @@ def _delta_lookup(report: dict[str, Any]) -> dict[tuple[str, str, str], dict[str
     """(arm, benchmark, metric) -> its comparison against FFT of the same family."""
     out = {}
     for c in report["comparisons"]:
-        if c["arm_b"] in ("fft", "fft" + VAL_SUFFIX):
+        if c["arm_b"] in {"fft" + suffix for suffix in SELECTION_SUFFIXES.values()}:
             out[(c["arm_a"], c["benchmark"], c["metric"])] = c
     return out
 
@@ -202,6 +207,28 @@ def isolation_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def test_selection_lines(report: dict[str, Any]) -> list[str]:
+    """The section that says which rows were chosen on the test set, and where the masks started (none when the
+    run has no test-selected rows)."""
+    chosen = report.get("test_selection") or {}
+    if not chosen:
+        return []
+    lines = ["", "## Test-selected checkpoints", "", TEST_SELECTED_NOTE + ".", ""]
+    for arm, by_benchmark in chosen.items():
+        picks = ", ".join(f"{bench}: {c['checkpoint']} (step {c['step']})" for bench, c in by_benchmark.items())
+        lines.append(f"- {display_arm(arm)}: {picks}")
+    return lines
+
+
+def mask_start_lines(report: dict[str, Any]) -> list[str]:
+    """Where MFT and the mask baselines started, when not from FFT's last checkpoint."""
+    starts = report.get("mask_start") or {}
+    if not starts:
+        return []
+    return ["", "## Mask starting point", "",
+            *(f"- {display_arm(arm)}: FFT step {start['step']} ({start['rule']})" for arm, start in starts.items())]
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     header, body = wide_cells(report)
     settings = report.get("settings") or {}
@@ -242,6 +269,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"[{c['ci_low'] * 100:.1f}, {c['ci_high'] * 100:.1f}] | {c['p_value']:.3g} | {c['test']} |"
             )
     lines += isolation_lines(report)
+    lines += test_selection_lines(report) + mask_start_lines(report)
     selection = report.get("selection") or {}
     if selection:
         lines += ["", "## Validation-selected checkpoints", "",

@@ -64,6 +64,8 @@ class TrainConfig:
             raise MftBenchError(
                 f"train.save_every is a fraction of an epoch (paper: 0.3333), got {self.save_every}; use null for final only"
             )
+        if self.save_every is not None and self.max_steps > 0:
+            raise MftBenchError("train.save_every is a fraction of the epochs trained; with max_steps leave it null")
         if self.resume_every_steps is not None:
             _positive("resume_every_steps", self.resume_every_steps)
         for name, value, allowed in (("precision", self.precision, PRECISIONS),
@@ -71,6 +73,16 @@ class TrainConfig:
                                      ("strategy", self.strategy, STRATEGIES)):
             if value not in allowed:
                 raise MftBenchError(f"train.{name} must be one of {', '.join(allowed)}, got {value!r}")
+
+    @property
+    def export_count(self) -> int:
+        return export_count(self.epochs, self.save_every)
+
+
+def export_count(epochs: float, save_every: float | None) -> int:
+    """Evaluable exports an arm writes: one every ``save_every`` epochs, evenly spaced, the last at the end (the
+    paper's 1/3 over 2 epochs: 6); 1 (the end) without ``save_every``. Known before training."""
+    return 1 if save_every is None else max(1, round(epochs / save_every))
 
 
 @dataclass

@@ -28,7 +28,7 @@ from transformers import (
 from transformers.trainer_utils import has_length
 
 from mft_bench.errors import MftBenchError
-from mft_bench.train.callbacks import ExportCallback, Exporter
+from mft_bench.train.callbacks import ExportCallback, Exporter, SealCallback, checkpoint_problem
 from mft_bench.train.config import TrainConfig
 from mft_bench.train.precision import autocast_arguments
 from mft_bench.train.sampling import EpochSeededLengthGroupedSampler, sequence_lengths
@@ -126,35 +126,29 @@ def updates_per_epoch(num_examples: int, per_device_batch_size: int, grad_accum:
     return max(math.ceil(per_rank / grad_accum), 1)
 
 
-def interval_steps(save_every: float | None, steps_per_epoch: int) -> int | None:
-    """Optimizer steps between exports for ``save_every`` (a fraction of an epoch); None = final only."""
-    if save_every is None:
-        return None
-    return max(round(save_every * steps_per_epoch), 1)
+def export_steps(export_count: int, max_steps: int) -> list[int]:
+    """The optimizer step of each of ``export_count`` evaluable exports, evenly spaced, the last at ``max_steps``
+    (the i-th at round(i * max_steps / count); with fewer steps than exports two may share a step)."""
+    return [max(1, round(i * max_steps / export_count)) for i in range(1, export_count + 1)]
 
 
 def total_steps(config: TrainConfig, steps_per_epoch: int) -> int:
     return config.max_steps if config.max_steps > 0 else math.ceil(config.epochs * steps_per_epoch)
 
 
-def save_steps(export_interval: int | None, resume_every: int | None, max_steps: int) -> int:
-    """Trainer's save interval: every export step and every resume step must be a save step."""
-    candidates = [s for s in (export_interval, resume_every) if s is not None]
-    if not candidates:
-        return max_steps  # the final save only
-    return math.gcd(*candidates)
-
-
 def last_checkpoint(output_dir: Path) -> Path | None:
-    """Newest complete Trainer checkpoint (``trainer_state.json`` is written last), or None."""
+    """Newest Trainer checkpoint that is complete and intact (its files match its seal, ``SealCallback``), or
+    None. A damaged newer one is passed over, with one line saying why."""
     if not output_dir.is_dir():
         return None
-    found = []
-    for child in output_dir.iterdir():
-        match = _CHECKPOINT_RE.match(child.name)
-        if match and (child / "trainer_state.json").is_file():
-            found.append((int(match.group(1)), child))
-    return max(found)[1] if found else None
+    found = sorted(((int(m.group(1)), child) for child in output_dir.iterdir()
+                    if (m := _CHECKPOINT_RE.match(child.name))), reverse=True)
+    for _, child in found:
+        problem = checkpoint_problem(child)
+        if problem is None:
+            return child
+        logger.warning("not resuming from %s: %s; trying an older checkpoint", child.name, problem)
+    return None
 
 
 def training_arguments(
@@ -256,13 +250,16 @@ def run_arm(
         if has_length(train_dataset) else config.max_steps
     )
     max_steps = total_steps(config, steps_per_epoch)
-    export_interval = interval_steps(config.save_every, steps_per_epoch)
-    args.save_steps = save_steps(export_interval, config.resume_every_steps, max_steps)
-    args.eval_steps = export_interval or max_steps
-    logger.info("%d optimizer steps (%d per epoch), exports every %s, Trainer saves every %d",
-                max_steps, steps_per_epoch, export_interval or "end", args.save_steps)
+    exports = export_steps(config.export_count, max_steps)
+    # Trainer saves (and evaluates) on its own only at resume intervals and the end; the export callback asks
+    # for a save and an evaluation at every export step
+    args.save_steps = config.resume_every_steps or max_steps
+    args.eval_steps = max_steps
+    logger.info("%d optimizer steps (%d per epoch), exports at steps %s, resume checkpoints every %d",
+                max_steps, steps_per_epoch, exports, args.save_steps)
 
-    export_callback = ExportCallback(exporter, export_interval)
+    export_callback = ExportCallback(exporter, exports, evaluate=eval_dataset is not None)
+    seal_callback = SealCallback()
     sharded_on_cpu = config.strategy == "fsdp" and args.world_size > 1 and not has_accelerator()
     with fsdp_on_cpu() if sharded_on_cpu else contextlib.nullcontext():
         trainer = trainer_cls(
@@ -272,15 +269,17 @@ def run_arm(
             eval_dataset=eval_dataset,
             processing_class=tokenizer,
             data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-            callbacks=[*callbacks, export_callback],  # arm callbacks (mask refresh) run before the export
+            callbacks=[*callbacks, seal_callback, export_callback],  # arm callbacks (mask refresh) first
         )
         export_callback.bind(trainer)
+        seal_callback.bind(trainer)
         resume = last_checkpoint(output_dir)
         if resume is not None:
             logger.info("resuming from %s", resume)
         trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
         trainer.accelerator.wait_for_everyone()
-    export_callback.bind(None)  # the callback's reference would keep the Trainer (and its optimizer) alive
+    export_callback.bind(None)  # the callbacks' references would keep the Trainer (and its optimizer) alive
+    seal_callback.bind(None)
     return trainer
 
 
