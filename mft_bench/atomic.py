@@ -53,6 +53,24 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def check_writable_folder(folder: str | os.PathLike, what: str) -> None:
+    """``MftBenchError`` unless ``folder`` is a folder this process can write into, or could create: said before
+    anything is written, rather than as an OSError halfway through."""
+    from mft_bench.errors import MftBenchError
+
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "" if existing == folder else f": {existing} "
+        raise MftBenchError(f"{what} {folder}{where or ' '}is a file, not a folder; choose another")
+    effective = {"effective_ids": True} if os.access in os.supports_effective_ids else {}
+    if not os.access(existing, os.W_OK | os.X_OK, **effective):
+        raise MftBenchError(f"{what} {folder} is not writable ({existing}: permission denied or a read-only disk); "
+                            "choose another")
+
+
 def _umask() -> int:
     mask = os.umask(0o022)  # reading the umask means setting it: set it straight back
     os.umask(mask)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import logging
 import os
 import shutil
@@ -192,11 +191,14 @@ def cmd_report(args) -> int:
 
 def cmd_check(args) -> int:
     from mft_bench.report import check_against_reference, write_reference
+    from mft_bench.report.collect import read_json
 
     report_path = Path(args.run_dir) / "report.json"
     if not report_path.is_file():
         raise MftBenchError(f"{args.run_dir}: no report.json; run the recipe (or 'mft-bench report') first")
-    report = json.loads(report_path.read_text())
+    report = read_json(report_path, "report")
+    if not isinstance(report, dict):
+        raise MftBenchError(f"{report_path} must hold a JSON object; rebuild it with 'mft-bench report'")
     reference_path = Path(args.reference)
     if args.update:
         write_reference(report, reference_path, tolerance=args.tolerance)
@@ -204,16 +206,13 @@ def cmd_check(args) -> int:
         return EXIT_OK
     if not reference_path.is_file():
         raise MftBenchError(f"reference file not found: {reference_path} (create one with --update)")
-    try:
-        reference = json.loads(reference_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise MftBenchError(f"{reference_path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    reference = read_json(reference_path, "reference")
     failures = check_against_reference(report, reference)
     for line in failures:
         print(f"REGRESSION {line}")
     if failures:
         return EXIT_FAILED
-    print(f"ok: {len(reference.get('metrics', []))} metrics within tolerance of {reference_path}")
+    print(f"ok: {len(reference['metrics'])} metrics within tolerance of {reference_path}")
     return EXIT_OK
 
 

@@ -19,7 +19,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from mft_bench.atomic import write_json_atomic
+import yaml
+
+from mft_bench.atomic import check_writable_folder, write_json_atomic
 from mft_bench.checkpoints import export_path, export_step, start_step
 from mft_bench.distributed import RunProcesses
 from mft_bench.errors import MftBenchError
@@ -45,7 +47,8 @@ def default_run_dir(recipe: Recipe) -> Path:
 
 
 def check_run_dir(recipe: Recipe, run_dir: Path) -> None:
-    """Refuse a run folder that belongs to another recipe (its results would be mixed)."""
+    """Refuse a run folder that cannot be written or belongs to another recipe (its results would be mixed)."""
+    check_writable_folder(run_dir, "run folder")
     run_file = run_dir / RUN_FILE
     marker = run_dir / "recipe.yaml"
     for existing in (run_file, marker):
@@ -53,7 +56,7 @@ def check_run_dir(recipe: Recipe, run_dir: Path) -> None:
             try:
                 name = json.loads(existing.read_text()).get("recipe") if existing.suffix == ".json" else \
                     _recipe_name_from_yaml(existing)
-            except (ValueError, OSError):
+            except (ValueError, OSError, yaml.YAMLError):
                 name = None
             if name and name != recipe.name:
                 raise MftBenchError(
@@ -62,8 +65,6 @@ def check_run_dir(recipe: Recipe, run_dir: Path) -> None:
 
 
 def _recipe_name_from_yaml(path: Path) -> str | None:
-    import yaml
-
     data = yaml.safe_load(path.read_text())
     return data.get("name") if isinstance(data, dict) else None
 
@@ -451,11 +452,23 @@ def preflight(recipe: Recipe, models: ModelCache, world_size: int) -> None:
         from mft_bench.evaluation.sandbox import require_isolation
 
         require_isolation(recipe.evaluation.sandbox)  # no code sandbox here: say so before hours of training
+    from mft_bench.evaluation.registry import check_available
+
+    for bench in recipe.evaluation.benchmarks:
+        check_available(bench.name, bench.options, recipe.data.data_dir)
     model = models.backbone()
     if any(arm in recipe.arms for arm in ("mft", "random_mask", "magnitude_mask")):
         from mft_bench.masking.architectures import resolve_targets
 
         resolve_targets(model, list(recipe.mask.layers), recipe.mask.modules)
+    if "lora" in recipe.arms and recipe.lora.target_modules:
+        from mft_bench.train.lora import check_target_modules
+
+        check_target_modules(model, recipe.lora.target_modules)
+    from mft_bench.data.checks import check_data
+
+    check_data(recipe.data.sources, seed=recipe.seed, max_length=recipe.data.max_length,
+               data_dir=recipe.data.data_dir, tokenizer=models.tokenizer())
 
 
 def _run_stage(recipe: Recipe, stage: Stage, stages: dict[str, Stage], models: ModelCache, procs: RunProcesses,
@@ -504,13 +517,13 @@ def _run_stages(recipe: Recipe, stages_list: list[Stage], stages: dict[str, Stag
         index += 1
 
 
-def _prepare_run_dir(recipe: Recipe, run_dir: Path, stages_list: list[Stage], force: list[str]) -> None:
+def _prepare_run_dir(recipe: Recipe, run_dir: Path, stages_list: list[Stage], forced: set[str]) -> None:
     """Record the recipe, move forced stages aside, and reopen finished stages whose files no longer match their
     manifest (``run_folder``)."""
     (run_dir / "recipe.yaml").write_text(recipe_yaml(recipe))
     stages = {stage.name: stage for stage in stages_list}
     retired = False
-    for name in stages_to_force(stages_list, force):
+    for name in sorted(forced):
         moved = retire_folder(stages[name].folder)
         if moved:
             retired = True
@@ -534,22 +547,27 @@ def run_recipe(recipe: Recipe, run_dir: Path, *, force: list[str] | None = None,
     refuse_launcher_strategy()
     stages_list = build_plan(recipe, run_dir)
     stages = {stage.name: stage for stage in stages_list}
+    # everything is checked before the run folder is touched (its lock included): bad input never rewrites a run
+    forced = stages_to_force(stages_list, force or [])
     procs.on_main(check_run_dir, recipe, run_dir)
+    models = ModelCache(recipe)
+    checked = bool(forced) or not all(stage.done() for stage in stages_list)
+    if checked:
+        procs.on_main(preflight, recipe, models, procs.world_size)
     lock = RunLock(run_dir)
     procs.on_main(lock.acquire)  # one run per folder: the main process holds the lock
     try:
-        return _run_locked(recipe, run_dir, stages_list, stages, force or [], progress, procs)
+        return _run_locked(recipe, run_dir, stages_list, stages, forced, checked, models, progress, procs)
     finally:
         lock.release()
 
 
 def _run_locked(recipe: Recipe, run_dir: Path, stages_list: list[Stage], stages: dict[str, Stage],
-                force: list[str], progress, procs: RunProcesses) -> dict[str, Any]:
+                forced: set[str], checked: bool, models: ModelCache, progress, procs: RunProcesses) -> dict[str, Any]:
     from mft_bench.recipe import stable_hash
 
-    procs.on_main(_prepare_run_dir, recipe, run_dir, stages_list, force)
-    models = ModelCache(recipe)
-    if not all(stage.done() for stage in stages_list):
+    procs.on_main(_prepare_run_dir, recipe, run_dir, stages_list, forced)
+    if not checked and not all(stage.done() for stage in stages_list):  # a damaged stage was reopened
         procs.on_main(preflight, recipe, models, procs.world_size)
     _run_stages(recipe, stages_list, stages, models, procs, progress)
 

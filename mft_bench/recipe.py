@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mft_bench import strict_yaml
 from mft_bench.data import SourceSpec
 from mft_bench.errors import MftBenchError
 
@@ -37,10 +38,15 @@ REMOVED_KEYS = {
     "bf16": "removed: training computes in backbone.dtype; set precision: mixed (fp32 master weights, the default) "
             "or pure",
 }
+SEED_MAX = 2**32 - 1  # numpy takes 32-bit seeds, and every stage seeds numpy (transformers.set_seed)
+# typo guards: far above any real setting, low enough that a slipped exponent is refused instead of training for years
+MAX_EPOCHS = 1000
+MAX_STEPS = 100_000_000
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class BackboneSpec(_Strict):
@@ -63,6 +69,14 @@ class DataSpec(_Strict):
     selection: Literal["seeded", "official"] = "seeded"
     chat_template: Literal["tokenizer", "tulu"] = "tokenizer"
 
+    @model_validator(mode="after")
+    def _validation_leaves_training_rows(self) -> "DataSpec":
+        rows = [source.rows for source in self.sources]
+        if None not in rows and self.validation_rows >= sum(rows):
+            raise ValueError(f"validation_rows {self.validation_rows} leaves no training row: the sources give "
+                             f"{sum(rows)} rows; lower validation_rows or add rows")
+        return self
+
 
 class TrainSpec(_Strict):
     """Hyperparameters of one training arm; defaults are the paper's (LLaMA2-7B: 8 GPUs x 1 x 16 = 128 rows a step).
@@ -78,15 +92,15 @@ class TrainSpec(_Strict):
     averages each sequence's own token mean over the step's sequences (the official code's micro-batch-1 loss).
     """
 
-    epochs: float = Field(default=2.0, gt=0)
-    max_steps: int = -1
+    epochs: float = Field(default=2.0, gt=0, le=MAX_EPOCHS)
+    max_steps: int = Field(default=-1, ge=-1, le=MAX_STEPS)  # > 0 overrides epochs
     learning_rate: float = Field(default=2e-5, gt=0)
-    lr_scheduler: str = "linear"
+    lr_scheduler: Literal[SCHEDULERS] = "linear"
     warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
     weight_decay: float = Field(default=0.0, ge=0)
     global_batch_size: int = Field(default=128, ge=1)
     per_device_batch_size: int = Field(default=1, ge=1)
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = Field(default=1.0, ge=0)
     gradient_checkpointing: bool = False
     precision: Literal["mixed", "pure"] = "mixed"
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
@@ -94,6 +108,13 @@ class TrainSpec(_Strict):
     resume_every_steps: int | None = Field(default=None, ge=1)  # optimizer steps between resume checkpoints
     group_by_length: bool = True
     loss_reduction: Literal["token", "sequence"] = "token"
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps_or_epochs(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("must be -1 (train for epochs) or a positive step count, got 0")
+        return value
 
     @property
     def export_count(self) -> int:
@@ -128,7 +149,7 @@ class LoraSpec(TrainSpec):
     r: int = Field(default=64, ge=1)
     alpha: int = Field(default=16, ge=1)
     dropout: float = Field(default=0.1, ge=0, lt=1)
-    target_modules: list[str] | None = None
+    target_modules: list[str] | None = Field(default=None, min_length=1)
 
 
 class MaskRecipe(_Strict):
@@ -177,6 +198,16 @@ class BenchmarkSpec(_Strict):
             raise ValueError(str(exc)) from None
         return value
 
+    @model_validator(mode="after")
+    def _known_options(self) -> "BenchmarkSpec":
+        from mft_bench.evaluation.options import validate_options
+
+        try:
+            validate_options(self.name, self.options)
+        except MftBenchError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
 
 class EvaluationSpec(_Strict):
     """``checkpoints: all`` also evaluates every intermediate export of the training arms (their ``save_every``);
@@ -204,7 +235,7 @@ class Recipe(_Strict):
     description: str = ""
     domain: Literal["math", "coding", "instruction"] | None = None
     paper_key: str | None = None
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=SEED_MAX)
     backbone: BackboneSpec = Field(default_factory=BackboneSpec)
     data: DataSpec
     arms: list[Literal["baseline", "fft", "mft", "lora", "random_mask", "magnitude_mask", "l1_mask",
@@ -217,6 +248,13 @@ class Recipe(_Strict):
     lora: LoraSpec = Field(default_factory=LoraSpec)
     evaluation: EvaluationSpec
     output_dir: str | None = None
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _seed_in_range(cls, value: Any) -> Any:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not 0 <= value <= SEED_MAX:
+            raise ValueError(f"must be an integer from 0 to {SEED_MAX} (numpy's seed range), got {value:g}")
+        return value
 
     @model_validator(mode="after")
     def _arms_consistent(self) -> "Recipe":
@@ -298,7 +336,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key.strip():
         raise MftBenchError(f"override '{text}' has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = strict_yaml.load(raw, f"override '{text}'") if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     if isinstance(value, str) and _EXPONENT_NUMBER.match(value.strip()):
@@ -345,11 +383,11 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not path.is_file():
         raise MftBenchError(f"recipe file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = strict_yaml.load(strict_yaml.decode(path.read_bytes(), str(path)), str(path))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise MftBenchError(f"{path}: malformed YAML{where}: {problem}") from None
     if data is None:
         raise MftBenchError(f"{path}: the recipe file is empty")

@@ -96,6 +96,12 @@ def test_truncation_and_dropping_are_counted_and_logged(caplog):
     assert labelled_segments(ds[1], tok)[0] == "y" * (64 - len("<|user|>\nhi\n<|assistant|>\n"))
 
 
+def test_max_length_that_keeps_no_row_is_refused():
+    long_prompt = [{"role": "user", "content": "x" * 200}, {"role": "assistant", "content": "never seen"}]
+    with pytest.raises(MftBenchError, match="data.max_length 64 keeps no row: all 2 conversations"):
+        tokenize_conversations([long_prompt, long_prompt], byte_tokenizer(), max_length=64)
+
+
 def test_bad_max_length():
     with pytest.raises(MftBenchError, match="max_length must be > 0"):
         tokenize_conversations([MULTI_TURN], byte_tokenizer(), max_length=0)

@@ -109,7 +109,7 @@ def test_missing_fields_name_source_and_fields(tmp_path):
         load_conversations(SourceSpec(name=str(bad)), seed=0)
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
-    with pytest.raises(MftBenchError, match="cannot read"):
+    with pytest.raises(MftBenchError, match="broken.json is not JSON"):
         load_conversations(SourceSpec(name=str(broken)), seed=0)
 
 

@@ -155,6 +155,9 @@ def tokenize_with_stats(
         columns["input_ids"].append(ids)
         columns["attention_mask"].append([1] * len(ids))
         columns["labels"].append(labels)
+    if conversations and not columns["input_ids"]:  # training on nothing would fail later, less clearly
+        raise MftBenchError(f"data.max_length {max_length} keeps no row: all {len(conversations)} conversations lose "
+                            "every answer token to truncation; raise max_length")
     stats = FormatStats(len(conversations), len(columns["input_ids"]), truncated, dropped, max_length)
     logger.info(
         "formatting: %d conversations, %d truncated to %d tokens, %d dropped without assistant tokens, %d kept",

@@ -80,16 +80,10 @@ def resolve(source: SourceSpec, data_dir: str | None = None) -> tuple[str, Path 
 def _read_local(source: SourceSpec, path: Path) -> datasets.Dataset:
     import datasets
 
-    builder = LOCAL_BUILDERS.get(path.suffix.lower())
-    if builder is None:
-        raise MftBenchError(
-            f"data source '{source.name}': unsupported file type '{path.suffix}'; use .json, .jsonl or .parquet"
-        )
-    if not path.is_file():
-        raise MftBenchError(
-            f"data source '{source.name}': file not found: {path}; fix the path "
-            f"(relative paths are also looked up in ${offline.ENV_VAR})"
-        )
+    from mft_bench.data.checks import check_local_file
+
+    check_local_file(source, path)  # missing, empty, binary, not JSON: said plainly, not as datasets' error
+    builder = LOCAL_BUILDERS[path.suffix.lower()]
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as exc:  # datasets/pyarrow raise many types for unreadable files

@@ -1,4 +1,4 @@
-"""Evaluation: benchmarks (one module each), generation backends, the registry and the runner.
+"""Evaluation: benchmarks (one module each), generation backends, the registry, their options and the runner.
 
 Kept import-light: submodules load on first use, so ``import mft_bench.evaluation`` costs nothing and
 ``from mft_bench.evaluation import gsm8k, humaneval`` imports just those two.
@@ -17,6 +17,7 @@ _SUBMODULES = (
     "humaneval_plus",
     "ifeval",
     "lm_eval_task",
+    "options",
     "registry",
     "runner",
     "synthetic_math",

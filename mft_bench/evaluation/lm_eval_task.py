@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from mft_bench.data.offline import data_dir as offline_data_dir
 from mft_bench.atomic import write_text_atomic
 from mft_bench.errors import MftBenchError
 from mft_bench.evaluation.ifeval import NLTK_FIX, suppress_nltk_download
+from mft_bench.recipe import SEED_MAX
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +73,8 @@ def resolve_seeds(overrides: Any = None, *, where: str = "options.seeds") -> dic
     for name, value in overrides.items():
         if isinstance(value, bool) or not isinstance(value, int):
             raise MftBenchError(f"{where}.{name} must be an integer, got {value!r}")
+        if not 0 <= value <= SEED_MAX:  # lm-eval seeds numpy with it
+            raise MftBenchError(f"{where}.{name} must be between 0 and {SEED_MAX}, got {value}")
         seeds[name] = value
     return seeds
 
@@ -112,6 +116,34 @@ def custom_task_names() -> list[str]:
         if isinstance(config.get("task"), str):
             names.append(config["task"])
     return names
+
+
+def check_task_exists(task: str, include_path: str | None = None, data_dir: str | os.PathLike | None = None) -> None:
+    """``MftBenchError`` unless lm-eval knows ``task`` (ours, ``include_path``'s or its own), in seconds: lm-eval's
+    ~14k task files are only searched for the name, and indexed only in the folders of the files that mention it
+    (a task's name is written in its YAML), instead of all of them as ``build_task_manager`` must to run it."""
+    from lm_eval.tasks import TaskManager
+
+    if include_path is not None and not Path(include_path).expanduser().is_dir():
+        raise MftBenchError(f"lm-eval task '{task}': options.include_path {include_path} is not a folder")
+    with tempfile.TemporaryDirectory(prefix="mft_bench_lm_eval_tasks_") as tmp:
+        materialize_custom_tasks(Path(tmp), data_dir)
+        include_dirs = [tmp] + ([str(Path(include_path).expanduser().resolve())] if include_path else [])
+        if task in TaskManager(include_path=include_dirs, include_defaults=False).all_tasks:
+            return
+        word = re.compile(rf"(?<![\w-]){re.escape(task)}(?![\w-])")
+        folders = {path.parent for path in lm_eval_tasks_dir().rglob("*.yaml")
+                   if word.search(path.read_text(encoding="utf-8", errors="replace"))}
+        # a folder is indexed with its subfolders: one inside another would index its tasks twice
+        outermost = [str(f) for f in sorted(folders) if not any(p in folders for p in f.parents)]
+        if outermost and task in TaskManager(include_path=include_dirs + outermost, include_defaults=False).all_tasks:
+            return
+    stems = {path.stem for path in lm_eval_tasks_dir().rglob("*.yaml")} | set(custom_task_names())
+    close = difflib.get_close_matches(task, sorted(stems), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    if task in custom_task_names():
+        hint += " (this shipped task needs an offline data directory: set MFT_BENCH_DATA_DIR)"
+    raise MftBenchError(f"lm-eval task '{task}' not found{hint}")
 
 
 def build_task_manager(task: str, include_dirs: list[str]) -> Any:

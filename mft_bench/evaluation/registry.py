@@ -1,7 +1,8 @@
 """Benchmark names a recipe may use, and how each is built.
 
-Names are checked without importing any benchmark module (``validate_benchmark_name``), so the recipe
-validator stays fast; ``make_benchmark`` imports only the module of the benchmark asked for.
+Names are checked without importing any benchmark module (``validate_benchmark_name``);
+``benchmark_class`` and ``make_benchmark`` import only the module of the benchmark asked for (options are
+checked against its constructor: ``mft_bench.evaluation.options``).
 ``lm_eval:<task>`` names are not generation benchmarks of ours: the runner hands them to lm-eval
 (``mft_bench.evaluation.lm_eval_task.run_lm_eval_task``).
 """
@@ -55,10 +56,8 @@ def validate_benchmark_name(name: str) -> None:
         )
 
 
-def make_benchmark(name: str, options: dict[str, Any] | None = None, data_dir: str | None = None,
-                   sandbox: str | None = None) -> Benchmark:
-    """Build the generation benchmark ``name`` with the recipe's ``options`` (keyword arguments) and ``data_dir``;
-    code benchmarks also get ``sandbox`` (the recipe's ``evaluation.sandbox``) unless their options set it."""
+def benchmark_class(name: str) -> tuple[type, dict[str, Any]]:
+    """The class of the generation benchmark ``name`` and the constructor options the name fixes."""
     validate_benchmark_name(name)
     if is_lm_eval(name):
         raise MftBenchError(
@@ -66,11 +65,26 @@ def make_benchmark(name: str, options: dict[str, Any] | None = None, data_dir: s
             "call mft_bench.evaluation.runner.evaluate with it"
         )
     module_name, class_name, fixed = _SPECS[name]
+    return getattr(importlib.import_module(f"mft_bench.evaluation.{module_name}"), class_name), dict(fixed)
+
+
+def check_available(name: str, options: dict[str, Any], data_dir: str | None = None) -> None:
+    """What only this machine can tell about a benchmark, checked before any stage runs: that lm-eval knows an
+    ``lm_eval:<task>`` task (nothing of its data is loaded)."""
+    if is_lm_eval(name):
+        from mft_bench.evaluation.lm_eval_task import check_task_exists
+
+        check_task_exists(lm_eval_task(name), options.get("include_path"), data_dir)
+
+
+def make_benchmark(name: str, options: dict[str, Any] | None = None, data_dir: str | None = None,
+                   sandbox: str | None = None) -> Benchmark:
+    """Build the generation benchmark ``name`` with the recipe's ``options`` (keyword arguments) and ``data_dir``;
+    code benchmarks also get ``sandbox`` (the recipe's ``evaluation.sandbox``) unless their options set it."""
+    cls, fixed = benchmark_class(name)
     clash = sorted(set(options or {}) & set(fixed))
     if clash:
         raise MftBenchError(f"benchmark '{name}' fixes option(s) {', '.join(clash)}; remove them from its options")
-    module = importlib.import_module(f"mft_bench.evaluation.{module_name}")
-    cls = getattr(module, class_name)
     kwargs = {**fixed, **(options or {})}
     if sandbox is not None and name in CODE_BENCHMARKS:
         kwargs.setdefault("sandbox", sandbox)

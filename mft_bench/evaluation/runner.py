@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from mft_bench.atomic import write_text_atomic
 from mft_bench.errors import MftBenchError
 from mft_bench.evaluation.base import Benchmark, Item
+from mft_bench.evaluation.options import validate_lm_eval_options
 from mft_bench.evaluation.registry import is_lm_eval, lm_eval_task, make_benchmark, validate_benchmark_name
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,6 @@ logger = logging.getLogger(__name__)
 RECORDS_FILE = "records.jsonl"
 METRICS_FILE = "metrics.json"
 CHUNK_BATCHES = 4  # a backend without generate_stream gets this many batches of items per generate call
-LM_EVAL_OPTIONS = ("num_fewshot", "seeds", "include_path", "gen_kwargs", "bootstrap_iters")
 
 
 # -- small pure helpers ---------------------------------------------------------------------------------------
@@ -302,19 +302,10 @@ def _evaluate_lm_eval(
     lm-eval's few-shot seed it would show the model other few-shot examples than a plain lm-eval run does.
     """
     options = dict(options or {})
-    unknown = sorted(set(options) - set(LM_EVAL_OPTIONS))
-    if unknown:
-        raise MftBenchError(
-            f"benchmark '{benchmark}': unknown option(s) {', '.join(unknown)}; lm_eval tasks take {', '.join(LM_EVAL_OPTIONS)}"
-        )
+    validate_lm_eval_options(benchmark, options)  # fail before loading
     shots = options.get("num_fewshot")
-    if shots is not None and (isinstance(shots, bool) or not isinstance(shots, int) or shots < 0):
-        raise MftBenchError(
-            f"benchmark '{benchmark}': options.num_fewshot must be a non-negative integer, got {shots!r}"
-        )
-    from mft_bench.evaluation.lm_eval_task import resolve_seeds, run_lm_eval_task
+    from mft_bench.evaluation.lm_eval_task import run_lm_eval_task
 
-    resolve_seeds(options.get("seeds"), where=f"benchmark '{benchmark}': options.seeds")  # fail before loading
     if model is None:
         model, tokenizer = _load(model_path, tokenizer, dtype)
 

@@ -16,6 +16,7 @@ import json
 import logging
 from typing import Any
 
+from mft_bench.data.synthetic_math import SPLITS
 from mft_bench.errors import MftBenchError
 from mft_bench.evaluation.base import GenerationRequest, Item
 from mft_bench.evaluation.common import aggregate_scores, short_hash
@@ -53,6 +54,8 @@ class SyntheticMath:
     ) -> None:
         if n <= 0:
             raise MftBenchError(f"synthetic_math n must be positive, got {n}")
+        if split not in SPLITS:
+            raise MftBenchError(f"synthetic_math options.split must be one of {', '.join(SPLITS)}, got {split!r}")
         self.n = n
         self.seed = seed
         self.max_new_tokens = max_new_tokens

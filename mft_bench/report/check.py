@@ -46,8 +46,12 @@ def validate_reference(reference: Any, where: str = "reference") -> list[dict[st
     """The reference's metric entries; :class:`MftBenchError` when the file does not have the format above."""
     if not isinstance(reference, dict) or not isinstance(reference.get("metrics"), list):
         raise MftBenchError(f"{where}: expected an object with a 'metrics' list (write one with --update)")
+    if not reference["metrics"]:
+        raise MftBenchError(f"{where}: no metrics to check against (an empty 'metrics' list); write one with --update")
     entries = []
     for i, entry in enumerate(reference["metrics"]):
+        if not isinstance(entry, dict):
+            raise MftBenchError(f"{where}: metrics[{i}] is not an object")
         missing = [k for k in ("arm", "benchmark", "metric", "value", "tolerance") if k not in entry]
         if missing:
             raise MftBenchError(f"{where}: metrics[{i}] lacks {', '.join(missing)}")

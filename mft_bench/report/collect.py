@@ -93,6 +93,10 @@ def read_json(path: Path, what: str) -> Any:
         raise MftBenchError(f"{what} not found: {path}") from None
     except json.JSONDecodeError as exc:
         raise MftBenchError(f"{what} is not valid JSON: {path} ({exc})") from None
+    except UnicodeDecodeError as exc:
+        raise MftBenchError(f"{what} is not UTF-8 text: {path} (byte at offset {exc.start})") from None
+    except IsADirectoryError:
+        raise MftBenchError(f"{what} is a folder, not a file: {path}") from None
 
 
 def read_records(path: Path) -> dict[str, dict[str, float]]:

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from mft_bench.errors import MftBenchError
+from mft_bench.recipe import SCHEDULERS
 
-SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 PRECISIONS = ("mixed", "pure")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 STRATEGIES = ("ddp", "fsdp")

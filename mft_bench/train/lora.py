@@ -7,6 +7,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from transformers import Trainer, TrainerCallback
 
 from mft_bench.masking.architectures import LLAMA_PROJECTIONS
@@ -33,6 +34,18 @@ def default_target_modules(model) -> list[str] | str:
         return list(SEVEN_PROJECTIONS)
     logger.info("%s has no llama-style projections; LoRA targets all linear layers", type(model).__name__)
     return "all-linear"
+
+
+def check_target_modules(model, names: Sequence[str]) -> None:
+    """``MftBenchError`` unless each of ``names`` matches a module of ``model`` as peft matches a list entry (the
+    module's name, or its last dotted parts); peft itself refuses only a list of which nothing matches."""
+    modules = [name for name, _ in model.named_modules() if name]
+    for target in names:
+        if not any(name == target or name.endswith(f".{target}") for name in modules):
+            linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                             if isinstance(module, torch.nn.Linear)})
+            raise MftBenchError(f"lora.target_modules: no module '{target}' in {type(model).__name__}; its linear "
+                                f"layers are {', '.join(linear)}")
 
 
 def lora_config(model, settings: LoraSettings):
