@@ -113,7 +113,7 @@ def test_strategy_auto_shards_fft_only_when_a_replica_does_not_fit():
     assert resolve_strategy("fft", "auto", world_size=8, replica_bytes=None, device_bytes=80 * gib) == "ddp"
     assert resolve_strategy("mft", "auto", world_size=8, replica_bytes=120 * gib, device_bytes=80 * gib) == "ddp"
     assert resolve_strategy("fft", "fsdp", world_size=2, replica_bytes=None, device_bytes=None) == "fsdp"
-    with pytest.raises(MftBenchError, match="only the fft arm"):
+    with pytest.raises(MftBenchError, match="only full fine-tuning can shard"):
         resolve_strategy("lora", "fsdp", world_size=2, replica_bytes=None, device_bytes=None)
 
 
