@@ -4,11 +4,12 @@
 # .whl/), then call the device tool's `run` with carry [".whl"], timeout_s 600 and the command
 #   bash benchmarks/device_check.sh
 # Each part runs under its own timeout; their limits add up to 560 s, inside the 600 s of one device command (a warm
-# GPU; typical total ~6-7 min). $OUT gets the whole log, the summary, the mask_step JSONs and the smoke's report
+# GPU; ~5 min expected). $OUT gets the whole log, the summary, the mask_step JSONs and the smoke's report
 # (at most 8 files come back; the run folder itself stays on the machine).
 #  0. the carried wheels (.whl/*.whl) installed into /tmp/site, first on PYTHONPATH; .whl/data as the offline data;
 #  1. preflight (benchmarks/device_preflight.py): every module the check imports, the project's version floors and
 #     the carried wheels' requirements; a problem stops the check here, before any GPU work;
+#     then the code sandbox's isolation is probed: without namespaces the smoke accepts resource limits only;
 #  2. the smoke recipe end to end on CUDA with the paper recipes' precision (backbone bf16, precision mixed: fp32
 #     masters, bf16 autocast; gradient checkpointing for FFT and MFT), then device_smoke_verify.py on its folder;
 #  3. mask_step.py on the LLaMA-2-7B shape, precision mixed as the Trainer trains (fp32 FFT weights, autocast,
