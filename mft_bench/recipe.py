@@ -349,6 +349,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise MftBenchError(f"{path}: malformed YAML{where}: {problem}") from None
     if data is None:
         raise MftBenchError(f"{path}: the recipe file is empty")
+    if isinstance(data, dict) and "sweep" in data:
+        raise MftBenchError(f"{path} is a sweep file: run it with 'mft-bench sweep {path}'")
     if isinstance(data, dict) and overrides:
         data = apply_overrides(data, overrides)
     return validate_recipe(data, source=str(path))
