@@ -55,8 +55,8 @@ def _official_percentile(t, q):
 
 # ---------------------------------------------------------------- helpers
 
-def _model(seed: int = 0) -> nn.Module:
-    return tiny_model("llama", vocab_size=VOCAB, num_layers=3, seed=seed)
+def _model(seed: int = 0, device: torch.device | str = "cpu") -> nn.Module:
+    return tiny_model("llama", vocab_size=VOCAB, num_layers=3, seed=seed).to(device)
 
 
 def _mixed_sign_scores(model: nn.Module, seed: int = 1) -> dict[str, torch.Tensor]:
@@ -76,7 +76,7 @@ def _mixed_sign_scores(model: nn.Module, seed: int = 1) -> dict[str, torch.Tenso
 def _set_scores(model: nn.Module, scores: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, wrapper in wrappers(model).items():
-            wrapper.scores.copy_(scores[name])
+            wrapper.scores.copy_(scores[name].to(wrapper.scores.device))
 
 
 def _ids(seed: int = 0) -> torch.Tensor:
@@ -86,14 +86,14 @@ def _ids(seed: int = 0) -> torch.Tensor:
 # ---------------------------------------------------------------- global-signed-threshold = the official rule
 
 @pytest.mark.parametrize("threshold", [-0.01, 0.0, 0.013])
-def test_signed_threshold_masks_equal_the_official_rule(threshold):
-    model = _model()
+def test_signed_threshold_masks_equal_the_official_rule(threshold, device):
+    model = _model(device=device)
     attach_masks(model, MaskSpec(layers=[0, 2], mode=SIGNED, threshold=threshold))
     scores = _mixed_sign_scores(model)
     _set_scores(model, scores)
-    ours = current_masks(model)
+    ours = {name: mask.cpu() for name, mask in current_masks(model).items()}
     for name, mask in ours.items():
-        official = _OfficialGetSubnetThreshold.apply(scores[name], threshold)
+        official = _OfficialGetSubnetThreshold.apply(scores[name].to(device), threshold).cpu()
         assert torch.equal(mask, official.bool()), name
     # the ties: an entry exactly at the threshold is kept, as `scores < threshold` leaves it
     tied = torch.cat([(scores[n] == threshold)[ours[n]] for n in ours])
@@ -143,11 +143,11 @@ def test_signed_threshold_gradients_equal_the_official_ones():
 
 
 @pytest.mark.parametrize("ratio", [0.1, 0.25, 0.5])
-def test_threshold_from_ratio_is_the_official_percentile_of_all_initial_scores(ratio):
-    model = _model()
+def test_threshold_from_ratio_is_the_official_percentile_of_all_initial_scores(ratio, device):
+    model = _model(device=device)
     attach_masks(model, MaskSpec(layers=[0, 1], mask_ratio=ratio, mode=SIGNED))
     found = wrappers(model)
-    flat = torch.cat([w.scores.detach().reshape(-1) for w in found.values()])
+    flat = torch.cat([w.scores.detach().reshape(-1) for w in found.values()]).cpu()
     expected = _official_percentile(flat, ratio)
     assert {w.threshold for w in found.values()} == {expected}
     assert signed_threshold_for_ratio([w.scores for w in found.values()], ratio) == expected
@@ -182,6 +182,27 @@ def test_the_two_global_modes_differ_on_mixed_sign_scores():
     removed_exact = torch.cat([(~exact[n]).view(-1) for n in exact])
     assert float(all_scores[removed_signed].max()) < 0  # only negative scores fall below the signed threshold
     assert float(all_scores[removed_exact].abs().max()) < float(all_scores[removed_signed].abs().min())
+
+
+def test_signed_threshold_count_follows_training_where_abs_exact_stays_exact():
+    """Training moves the scores: under the constant signed threshold the removed count moves with them, while
+    global-abs-exact removes round(ratio x total) at every step."""
+    ratio, counts = 0.1, {}
+    for mode in ("global-abs-exact", SIGNED):
+        torch.manual_seed(0)
+        model = _model()
+        attach_masks(model, MaskSpec(layers=[0, 1], mask_ratio=ratio, mode=mode))
+        optimizer = torch.optim.AdamW([w.scores for w in wrappers(model).values()], lr=0.05, weight_decay=0.0)
+        counts[mode] = []
+        for step in range(4):
+            ids = _ids(step)
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            counts[mode].append(sum(int((~m).sum()) for m in current_masks(model).values()))
+        total = sum(w.scores.numel() for w in wrappers(model).values())
+    assert counts["global-abs-exact"] == [round(ratio * total)] * 4
+    assert len(set(counts[SIGNED])) > 1 and counts[SIGNED][-1] != round(ratio * total)
 
 
 # ---------------------------------------------------------------- the old name is refused in one line
