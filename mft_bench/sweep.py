@@ -72,7 +72,8 @@ def _read_yaml(path: Path, what: str) -> Any:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise MftBenchError(f"{path}: malformed YAML{where}: {getattr(exc, 'problem', None) or 'invalid YAML'}") from None
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise MftBenchError(f"{path}: malformed YAML{where}: {problem}") from None
 
 
 def _lookup(data: Any, path: list[str]) -> tuple[bool, Any]:
@@ -121,7 +122,7 @@ def _base_data(path: Path, data: dict[str, Any], block: dict[str, Any]) -> tuple
     """The base recipe's raw mapping and what to call it in messages."""
     if "base" not in block:
         inline = {k: v for k, v in data.items() if k != "sweep"}
-        return inline, f"{path} (base recipe)"
+        return inline, f"{path} (its base recipe with sweep.set)"
     extra = sorted(set(data) - {"name", "description", "sweep"})
     if extra:
         raise MftBenchError(f"{path}: with sweep.base, recipe keys belong in sweep.set, not at the top level: "
@@ -133,7 +134,7 @@ def _base_data(path: Path, data: dict[str, Any], block: dict[str, Any]) -> tuple
     raw = _read_yaml(base_path, f"{path}: sweep.base recipe")
     if not isinstance(raw, dict) or is_sweep_file(raw):
         raise MftBenchError(f"{path}: sweep.base {base} is not a recipe file")
-    return raw, str(base_path)
+    return raw, f"{path} (its base {base} with sweep.set)"
 
 
 def _set_block(path: Path, block: dict[str, Any]) -> list[tuple[list[str], Any]]:

@@ -212,7 +212,8 @@ def test_plain_global_is_refused_naming_both_modes(tmp_path):
         MaskSpec(layers=[1], mode="global")
     assert "global-abs-exact" in str(info.value) and "global-signed-threshold" in str(info.value)
     recipe = tmp_path / "r.yaml"
-    recipe.write_text((ROOT / "tasks" / "smoke.yaml").read_text().replace("mask_ratio: 0.1", "mask_ratio: 0.1\n  mode: global"))
+    smoke = (ROOT / "tasks" / "smoke.yaml").read_text()
+    recipe.write_text(smoke.replace("mask_ratio: 0.1", "mask_ratio: 0.1\n  mode: global"))
     with pytest.raises(MftBenchError) as info:
         load_recipe(recipe)
     line = str(info.value)

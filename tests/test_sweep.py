@@ -4,6 +4,7 @@ the cross-run table; bad sweep files refused in one line before anything runs.""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -80,7 +81,7 @@ def test_global_mode_baseline_removes_the_counts_mft_removed(swept):
     mft = read_mask_metadata(base / run["masks"]["mft"])
     random = read_mask_metadata(base / run["masks"]["random_mask"])
     assert random["removed"] == mft["removed"]
-    local = {name: removed_count(int(__import__("math").prod(shape)), 0.1) for name, shape in mft["shapes"].items()}
+    local = {name: removed_count(math.prod(shape), 0.1) for name, shape in mft["shapes"].items()}
     assert mft["removed"] != local  # a global selection: the per-matrix counts are not the local ones
 
 
@@ -144,7 +145,8 @@ def test_a_referenced_base_keeps_recipe_keys_out_of_the_top_level(tmp_path, caps
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(data))
     assert main(["sweep", str(tmp_path / "s.yaml"), "--dry-run"]) == 2
     assert "with sweep.base, recipe keys belong in sweep.set, not at the top level: arms" in capsys.readouterr().err
-    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"name": "s", "sweep": {**data["sweep"], "set": {"mft.epochs": 2}}}))
+    referenced = {"name": "s", "sweep": {**data["sweep"], "set": {"mft.epochs": 2}}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(referenced))
     sweep = load_sweep(tmp_path / "s.yaml", overrides=["fft.epochs=2"])
     assert sweep.base.name == "smoke-sweep" and sweep.base.mft.epochs == 2 and sweep.base.fft.epochs == 2
     assert all(v.recipe.mft.epochs == 2 for v in sweep.variants) and len(sweep.variants) == 5
@@ -185,7 +187,8 @@ def test_table_cells_are_the_reports_numbers_in_percent(tmp_path):
     for selection, arm in (("last", "mft"), ("val", "mft@val")):
         rows, (benchmark, metric) = sweep_rows(entries, selection)
         assert (benchmark, metric) == ("gsm8k", "exact_match")
-        expected = next(r for r in report["rows"] if (r["arm"], r["benchmark"], r["metric"]) == (arm, benchmark, metric))
+        expected = next(r for r in report["rows"]
+                        if (r["arm"], r["benchmark"], r["metric"]) == (arm, benchmark, metric))
         delta = next(c for c in report["comparisons"] if (c["arm_a"], c["arm_b"], c["benchmark"], c["metric"])
                      == (arm, arm.replace("mft", "fft"), benchmark, metric))
         assert rows[0]["mft"] == pytest.approx(100 * expected["value"]) and rows[0]["mft"] > 0

@@ -124,10 +124,11 @@ HEADER = ["variant", "varied", "value", "FFT", "MFT", "Δ MFT−FFT", "random ma
 def render_markdown(rows: list[dict[str, Any]], headline: tuple[str, str], *, sweep: str, base_recipe: str,
                     base_values: dict[str, Any], selection: str) -> str:
     benchmark, metric = headline
+    optimistic = " (chosen on the test set, optimistic)" if selection == "test-selected" else ""
     lines = [
         f"# Ablations: {sweep}",
         "",
-        f"{benchmark}:{metric}, percent, {selection} checkpoint{' (chosen on the test set, optimistic)' if selection == 'test-selected' else ''}; "
+        f"{benchmark}:{metric}, percent, {selection} checkpoint{optimistic}; "
         f"one factor at a time around the base recipe {base_recipe}. [95% CI]; Δ: paired difference in points "
         "(same items), † significant at 5% (McNemar exact for 0/1 scores, paired bootstrap otherwise). Stages "
         "with equal inputs are shared by the variants (one stages/ folder): an FFT cell repeated down the column "
