@@ -171,6 +171,31 @@ def cmd_reproduce(args) -> int:
     return EXIT_OK
 
 
+def cmd_sweep(args) -> int:
+    from mft_bench.sweep import load_sweep, render_sweep_plan, run_sweep
+
+    sweep = load_sweep(resolve_recipe(args.sweep), _split_overrides(args.overrides), args.axis)
+    out = Path(args.out or Path("runs") / "sweeps" / sweep.name)
+    if args.dry_run:
+        print(render_sweep_plan(sweep, out))
+        return EXIT_OK
+    if args.nproc > 1:
+        return _relaunch(args.nproc, args.argv, [variant.recipe for variant in sweep.variants])
+
+    def announce(index: int, total: int, variant) -> None:
+        setting = f"{variant.axis}={variant.value}" if variant.axis else "the base recipe"
+        print(f"== variant {index}/{total}: {variant.name} ({setting})", flush=True)
+
+    files = run_sweep(sweep, out, progress=_progress, variant_progress=announce, selection=args.selection)
+    if not _is_main_process():
+        return EXIT_OK
+    for path in files:
+        if path.suffix == ".md":
+            print(path.read_text())
+    print(f"sweep folder: {out}")
+    return EXIT_OK
+
+
 def cmd_report(args) -> int:
     from mft_bench.report import build_report, paper_table, write_report
 
@@ -262,6 +287,19 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--out")
     _planning_options(reproduce)
     reproduce.set_defaults(func=cmd_reproduce)
+
+    sweep = sub.add_parser("sweep", help="one-factor-at-a-time ablations of a base recipe, sharing common stages; "
+                                         "one cross-run table")
+    sweep.add_argument("sweep", help="sweep YAML path or name under tasks/ (e.g. sweeps/smoke-sweep)")
+    sweep.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="set in every variant, e.g. fft.epochs=1")
+    sweep.add_argument("--out", help="sweep folder (default: runs/sweeps/<name>)")
+    sweep.add_argument("--dry-run", action="store_true", help="list the variants and the stages they share")
+    sweep.add_argument("--axis", action="append", default=[], metavar="KEY", help="run only this axis; repeatable")
+    sweep.add_argument("--selection", choices=("last", "val", "test-selected"), default="last",
+                       help="checkpoint whose numbers the table shows (default: the last)")
+    sweep.add_argument("--nproc", type=int, default=1, metavar="N",
+                       help="processes: one per GPU (on a machine without GPUs, N gloo CPU processes)")
+    sweep.set_defaults(func=cmd_sweep)
 
     report = sub.add_parser("report", help="rebuild tables and plots of run folders (several: paper-shaped table)")
     report.add_argument("run_dirs", nargs="+")

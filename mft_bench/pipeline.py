@@ -218,7 +218,7 @@ def _mask_spec(recipe: Recipe):
 
     m = recipe.mask
     return MaskSpec(layers=list(m.layers), modules=m.modules, mask_ratio=m.mask_ratio, init=m.init,
-                    seed=recipe.seed, mode=m.mode)
+                    seed=recipe.seed, mode=m.mode, threshold=m.threshold)
 
 
 def _fresh_tmp_dir(target: Path) -> Path:
@@ -335,12 +335,15 @@ def _release_memory() -> None:
 def run_mask_stage(recipe: Recipe, stage: Stage, stages: dict[str, Stage], models: ModelCache) -> dict[str, Any]:
     from transformers import set_seed
 
-    from mft_bench.masking import apply_masks, baseline_masks, save_masks
+    from mft_bench.masking import apply_masks, baseline_masks, read_mask_metadata, save_masks
 
     set_seed(recipe.seed)
     start = mask_start(recipe, stage, stages)
     base = models.fft_model(stages["fft"], start["step"])
-    masks = baseline_masks(base, _mask_spec(recipe), kind=MASK_BASELINES[stage.name], seed=recipe.seed)
+    # in a global mask mode, the counts per matrix of MFT's final mask (plan.build_plan adds the dependency)
+    counts = read_mask_metadata(stages["mft"].folder / "masks.safetensors")["removed"] if "mft" in stage.deps else None
+    masks = baseline_masks(base, _mask_spec(recipe), kind=MASK_BASELINES[stage.name], seed=recipe.seed,
+                           removed_counts=counts)
     stage.folder.mkdir(parents=True, exist_ok=True)
     save_masks(masks, stage.folder / "masks.safetensors", base_model=base)
     dense = apply_masks(copy.deepcopy(base), masks)
@@ -538,14 +541,15 @@ def _prepare_run_dir(recipe: Recipe, run_dir: Path, stages_list: list[Stage], fo
 
 
 def run_recipe(recipe: Recipe, run_dir: Path, *, force: list[str] | None = None,
-               progress=None, procs: RunProcesses | None = None) -> dict[str, Any]:
+               progress=None, procs: RunProcesses | None = None, stages_dir: Path | None = None) -> dict[str, Any]:
     """Run every unfinished stage, write run.json, build and write the report. Returns the report (on the main
-    process; the others return an empty dict)."""
+    process; the others return an empty dict). ``stages_dir``: where the stage folders live (default
+    ``RUN_DIR/stages``; a sweep's variants share one, and the caller holds its lock)."""
     from mft_bench.train.strategy import refuse_launcher_strategy
 
     procs = procs or RunProcesses.from_environment()
     refuse_launcher_strategy()
-    stages_list = build_plan(recipe, run_dir)
+    stages_list = build_plan(recipe, run_dir, stages_dir)
     stages = {stage.name: stage for stage in stages_list}
     # everything is checked before the run folder is touched (its lock included): bad input never rewrites a run
     forced = stages_to_force(stages_list, force or [])
@@ -584,8 +588,8 @@ def _run_locked(recipe: Recipe, run_dir: Path, stages_list: list[Stage], stages:
 
 
 def build_run_info(recipe: Recipe, run_dir: Path, stages: list[Stage], recipe_hash: str) -> dict[str, Any]:
-    def rel(path: Path) -> str:
-        return str(path.relative_to(run_dir))
+    def rel(path: Path) -> str:  # stages shared with other runs may lie beside the run folder ("../stages/...")
+        return os.path.relpath(path, run_dir)
 
     evaluations, training, masks, starts = [], [], {}, {}
     by_name = {stage.name: stage for stage in stages}

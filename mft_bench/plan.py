@@ -64,10 +64,10 @@ def arm_artifact_stage(arm: str) -> str | None:
     return None if arm == "baseline" else arm
 
 
-def _place(stage: Stage, upstream: dict[str, str], env: dict[str, str], run_dir: Path) -> None:
+def _place(stage: Stage, upstream: dict[str, str], env: dict[str, str], stages_dir: Path) -> None:
     """Content address of a stage: the hash of its key, its upstream stages' hashes and the package versions."""
     stage.hash = stable_hash({"key": stage.key, "upstream": upstream, "env": env, "format": STAGE_FORMAT_VERSION})
-    stage.folder = run_dir / "stages" / f"{stage.name}-{stage.hash}"
+    stage.folder = stages_dir / f"{stage.name}-{stage.hash}"
 
 
 TRAIN_ARMS = TRAINED_ARMS
@@ -90,16 +90,18 @@ def checkpoint_index(label: str, export_count: int) -> int:
     return export_count if label == LAST else int(label.removeprefix("ckpt-"))
 
 
-def build_plan(recipe: Recipe, run_dir: Path) -> list[Stage]:
+def build_plan(recipe: Recipe, run_dir: Path, stages_dir: Path | None = None) -> list[Stage]:
     """All stages of a recipe in execution order, with hashes and folders (nothing is loaded or run). The graph is
     whole before anything runs: intermediate checkpoints are planned by index (their steps come from training);
     when the masks start from a selected FFT checkpoint, FFT's evaluations run before MFT and the baselines and
-    are among their dependencies."""
+    are among their dependencies. Stage folders go in ``stages_dir`` (default ``RUN_DIR/stages``): recipes that
+    share one (a sweep's variants) share every stage whose inputs are equal."""
     env = package_versions()
     stages: dict[str, Stage] = {}
+    stages_dir = Path(stages_dir) if stages_dir is not None else Path(run_dir) / "stages"
 
     def add(stage: Stage) -> Stage:
-        _place(stage, {dep: stages[dep].hash for dep in stage.deps}, env, run_dir)
+        _place(stage, {dep: stages[dep].hash for dep in stage.deps}, env, stages_dir)
         stages[stage.name] = stage
         return stage
 
@@ -126,8 +128,13 @@ def build_plan(recipe: Recipe, run_dir: Path) -> list[Stage]:
                                     "seed": recipe.seed}, deps=["data"], arm="lora"))
     for arm, kind in MASK_BASELINES.items():
         if arm in recipe.arms:
-            add(Stage(arm, "mask", {"mask": mask, "kind": kind, "seed": recipe.seed}, deps=["fft", *start_deps],
-                      arm=arm))
+            key: dict[str, Any] = {"mask": mask, "kind": kind, "seed": recipe.seed}
+            deps = ["fft", *start_deps]
+            if recipe.mask.mode != "local" and kind != "l1_rows":
+                # a global selection removes different counts per matrix: the baseline removes MFT's counts
+                key["removed_counts"] = "mft"
+                deps.append("mft")
+            add(Stage(arm, "mask", key, deps=deps, arm=arm))
     for arm in recipe.arms:
         for stage in evaluation_stages(recipe, arm):
             if stage.name not in stages:

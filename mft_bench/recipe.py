@@ -162,8 +162,27 @@ class MaskRecipe(_Strict):
     modules: list[str] | None = None
     mask_ratio: float = 0.1
     init: Literal["normal", "magnitude"] = "normal"
-    mode: Literal["local", "global"] = "local"
+    # local (paper) | global-abs-exact (mft-bench's exact count) | global-signed-threshold (the official code's):
+    # masking.spec.MaskSpec says what each removes; threshold: global-signed-threshold only (null: from mask_ratio)
+    mode: Literal["local", "global-abs-exact", "global-signed-threshold"] = "local"
+    threshold: float | None = None
     start_from: str = Field(default="last", pattern=r"^(last|best-val|best-test|step-[1-9][0-9]*)$")
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _mode_named_exactly(cls, value: Any) -> Any:
+        if value == "global":
+            from mft_bench.masking.spec import AMBIGUOUS_GLOBAL
+
+            raise ValueError(AMBIGUOUS_GLOBAL)
+        return value
+
+    @model_validator(mode="after")
+    def _threshold_with_its_mode(self) -> "MaskRecipe":
+        if self.threshold is not None and self.mode != "global-signed-threshold":
+            raise ValueError(f"threshold applies to mode global-signed-threshold only (mode is {self.mode}): remove "
+                             "it, or set that mode")
+        return self
 
     @field_validator("mask_ratio")
     @classmethod
@@ -267,6 +286,10 @@ class Recipe(_Strict):
         if start.startswith("best") and self.evaluation.checkpoints != "all":
             raise ValueError(f"mask.start_from {start} chooses among FFT checkpoints: set evaluation.checkpoints: all "
                              "(and fft.save_every)")
+        matched = [arm for arm in self.arms if arm in ("random_mask", "magnitude_mask")]
+        if self.mask.mode != "local" and matched and "mft" not in self.arms:
+            raise ValueError(f"arms {matched} in mask.mode {self.mask.mode} remove per matrix what MFT's mask removed: "
+                             "add 'mft' to arms (or use mode local)")
         if start == "best-test" and not self.evaluation.test_selected:
             raise ValueError("mask.start_from best-test selects on the test benchmark: set "
                              "evaluation.test_selected: true so the report labels it")
@@ -391,6 +414,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise MftBenchError(f"{path}: malformed YAML{where}: {problem}") from None
     if data is None:
         raise MftBenchError(f"{path}: the recipe file is empty")
+    if isinstance(data, dict) and "sweep" in data:
+        raise MftBenchError(f"{path} is a sweep file: run it with 'mft-bench sweep {path}'")
     if isinstance(data, dict) and overrides:
         data = apply_overrides(data, overrides)
     return validate_recipe(data, source=str(path))

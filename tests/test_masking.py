@@ -249,7 +249,7 @@ def test_true_indices_equal_nonzero(n, density, device):
 
 def test_global_mode_removes_total_count_by_one_threshold(device):
     model = _model("llama", device=device)
-    attach_masks(model, MaskSpec(layers=[0, 1], mask_ratio=0.2, mode="global", init="magnitude"))
+    attach_masks(model, MaskSpec(layers=[0, 1], mask_ratio=0.2, mode="global-abs-exact", init="magnitude"))
     masks = current_masks(model)
     total = sum(m.numel() for m in masks.values())
     assert sum(int((~m).sum()) for m in masks.values()) == round(0.2 * total)

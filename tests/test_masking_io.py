@@ -71,7 +71,7 @@ def test_baselines_match_counts_and_definitions(arch):
 
 def test_baselines_copy_given_removed_counts_and_work_on_wrapped_model():
     model = _model("llama")
-    spec = MaskSpec(layers=[1], mask_ratio=0.2, mode="global", init="magnitude")
+    spec = MaskSpec(layers=[1], mask_ratio=0.2, mode="global-abs-exact", init="magnitude")
     mft = _trained_masks(model, spec)
     counts = removed_counts(mft)
     for kind in ("random", "magnitude"):

@@ -3,12 +3,16 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from mft_bench.errors import MftBenchError
 from mft_bench.recipe import apply_overrides, load_recipe, parse_override
+from mft_bench.sweep import is_sweep_file, load_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPES = sorted(p for p in (ROOT / "tasks").rglob("*.yaml") if "accelerate" not in p.parts and "lm_eval" not in p.parts)
+SHIPPED = sorted(p for p in (ROOT / "tasks").rglob("*.yaml") if "accelerate" not in p.parts and "lm_eval" not in p.parts)
+SWEEPS = [p for p in SHIPPED if is_sweep_file(yaml.safe_load(p.read_text()))]
+RECIPES = [p for p in SHIPPED if p not in SWEEPS]
 
 
 def test_recipes_are_shipped():
@@ -25,6 +29,18 @@ def test_shipped_recipe_validates(path):
     assert recipe.name == path.stem
     assert recipe.arms and recipe.evaluation.benchmarks
     assert 0 < recipe.mask.mask_ratio < 1
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
+def test_shipped_sweep_validates_with_every_variant(path):
+    sweep = load_sweep(path)  # the base recipe and every variant's recipe are validated
+    assert sweep.name == path.stem
+    assert len(sweep.variants) > 1 and all(values for values in sweep.axes.values())
+
+
+def test_sweeps_are_shipped():
+    names = {p.relative_to(ROOT / "tasks").with_suffix("").as_posix() for p in SWEEPS}
+    assert {"sweeps/smoke-sweep", "paper/ablations/llama2-7b-math"} <= names
 
 
 @pytest.mark.parametrize("domain,band", [("math", [4, 5, 6, 7]), ("coding", [20, 21, 22, 23]),

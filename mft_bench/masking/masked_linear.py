@@ -1,8 +1,11 @@
 """The MFT wrapper: a frozen linear projection whose weight is multiplied by a mask learned through scores.
 
-Forward: ``y = x (W ⊙ m)^T + b`` with ``m = top-k(|scores|)`` (exact count). Backward (straight-through, as the
-official code): the mask's gradient ``dL/dm = dL/dW_eff ⊙ W`` is passed unchanged to ``|scores|``, so
-``dL/dscores = sign(scores) ⊙ W ⊙ dL/dW_eff``. The weight never receives a gradient (frozen, bit-identical).
+Forward: ``y = x (W ⊙ m)^T + b`` with ``m = top-k(|scores|)`` (exact count; per matrix, or across the masked
+matrices in mode ``global-abs-exact``). Backward (straight-through, as the official code): the mask's gradient
+``dL/dm = dL/dW_eff ⊙ W`` is passed unchanged to ``|scores|``, so ``dL/dscores = sign(scores) ⊙ W ⊙ dL/dW_eff``.
+Mode ``global-signed-threshold`` is the official ``SupermaskLinearThreshold``: ``m = scores >= threshold`` on the
+signed scores, whose gradient is then ``dL/dm`` itself (no ``|.|`` in between, so no sign). The weight never
+receives a gradient (frozen, bit-identical).
 
 The mask depends only on the scores, which only change at ``optimizer.step()``: it is cached under a key made of
 the scores' version counter, identity and storage, so micro-batches of one accumulation step and the recomputed
@@ -30,8 +33,10 @@ from mft_bench.masking.selection import (
     keep_mask_of_abs,
     module_generator,
     removed_count,
+    signed_threshold_for_ratio,
+    signed_threshold_keep,
 )
-from mft_bench.masking.spec import MaskSpec
+from mft_bench.masking.spec import GLOBAL_ABS_EXACT, GLOBAL_SIGNED_THRESHOLD, MaskSpec
 
 logger = logging.getLogger(__name__)
 
@@ -70,13 +75,15 @@ def _project(x: torch.Tensor, w_eff: torch.Tensor, bias: torch.Tensor | None, tr
 
 
 class MaskedLinearFunction(torch.autograd.Function):
-    """Linear projection with the effective weight ``W ⊙ mask`` and the straight-through score gradient."""
+    """Linear projection with the effective weight ``W ⊙ mask`` and the straight-through score gradient (through
+    ``|scores|``, or to the signed scores themselves when the mask thresholds them: ``signed``)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scores, mask, transposed: bool):  # noqa: D401 - autograd signature
+    def forward(ctx, x, weight, bias, scores, mask, transposed: bool, signed: bool = False):  # noqa: D401
         w_eff = _masked_weight(weight, mask, weight.dtype)
         out = _project(x, w_eff, bias, transposed)
         ctx.transposed = transposed
+        ctx.signed = signed
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.save_for_backward(x, weight, scores, mask)
         return out
@@ -97,14 +104,16 @@ class MaskedLinearFunction(torch.autograd.Function):
             if need_w:  # only if someone unfroze the weight; before grad_s, which may reuse grad_w_eff in place
                 grad_w = (grad_w_eff * mask).to(weight.dtype)
             if need_s:
-                grad_s = grad_w_eff.to(scores.dtype).mul_(weight).mul_(torch.sign(scores))
+                grad_s = grad_w_eff.to(scores.dtype).mul_(weight)
+                if not ctx.signed:
+                    grad_s.mul_(torch.sign(scores))
         if need_b:
             grad_b = g2.sum(0).to(ctx.bias_dtype)
-        return grad_x, grad_w, grad_b, grad_s, None, None
+        return grad_x, grad_w, grad_b, grad_s, None, None, None
 
 
 class _GlobalSelector:
-    """Shared by the wrappers of one global-mode attach: one threshold across all their scores."""
+    """Shared by the wrappers of one ``global-abs-exact`` attach: one exact-count cut across all their scores."""
 
     def __init__(self, members: list[MaskedLinear], mask_ratio: float) -> None:
         self.members = members
@@ -147,6 +156,7 @@ class MaskedLinear(nn.Module):
         self.n_remove = removed_count(self.weight.numel(), mask_ratio)
         self.selections = 0
         self._group: _GlobalSelector | None = None
+        self.threshold: float | None = None  # set in mode global-signed-threshold: mask = scores >= threshold
         self._key: tuple | None = None
         self._mask: torch.Tensor | None = None
         self._cut_hint = CutHint()  # speeds up the next selection; never changes its result
@@ -173,7 +183,10 @@ class MaskedLinear(nn.Module):
         key = self._cache_key()
         if key != self._key:
             with torch.no_grad():
-                self._mask = keep_mask_of_abs(self.scores, self.n_remove, self._cut_hint)
+                if self.threshold is not None:
+                    self._mask = signed_threshold_keep(self.scores, self.threshold)
+                else:
+                    self._mask = keep_mask_of_abs(self.scores, self.n_remove, self._cut_hint)
             self._key = key
             self.selections += 1
         return self._mask
@@ -184,12 +197,19 @@ class MaskedLinear(nn.Module):
             self._group.invalidate()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return MaskedLinearFunction.apply(x, self.weight, self.bias, self.scores, self.current_mask(), self.transposed)
+        return MaskedLinearFunction.apply(x, self.weight, self.bias, self.scores, self.current_mask(), self.transposed,
+                                          self.threshold is not None)
 
     def extra_repr(self) -> str:
         kind = "Conv1D" if self.transposed else "Linear"
         return (f"{kind}(in={self.in_features}, out={self.out_features}, bias={self.bias is not None}), "
-                f"mask_ratio={self.mask_ratio}, global={self._group is not None}")
+                f"mask_ratio={self.mask_ratio}, mode={self.mode}")
+
+    @property
+    def mode(self) -> str:
+        if self.threshold is not None:
+            return GLOBAL_SIGNED_THRESHOLD
+        return GLOBAL_ABS_EXACT if self._group is not None else "local"
 
 
 def init_scores(weight: torch.Tensor, init: str, seed: int, name: str) -> torch.Tensor:
@@ -226,10 +246,17 @@ def attach_masks(model: nn.Module, spec: MaskSpec) -> list[str]:
         wrapper = MaskedLinear(module, scores, name=name, mask_ratio=spec.mask_ratio)
         setattr(parent, attr, wrapper)
         attached.append(wrapper)
-    if spec.mode == "global":
+    if spec.mode == GLOBAL_ABS_EXACT:
         group = _GlobalSelector(attached, spec.mask_ratio)
         for wrapper in attached:
             wrapper._group = group
+    elif spec.mode == GLOBAL_SIGNED_THRESHOLD:
+        threshold = spec.threshold
+        if threshold is None:  # from the initial scores, so a resumed run (attached afresh) gets the same one
+            threshold = signed_threshold_for_ratio([w.scores for w in attached], spec.mask_ratio)
+        for wrapper in attached:
+            wrapper.threshold = threshold
+        logger.info("global-signed-threshold: entries with a score below %.6g are removed", threshold)
     n_scores = sum(w.scores.numel() for w in attached)
     logger.info("attached masks to %d modules (%d scores, mask_ratio %.3g, %s, init %s)",
                 len(attached), n_scores, spec.mask_ratio, spec.mode, spec.init)

@@ -217,7 +217,8 @@ def scratch(numel: int, dtype: torch.dtype, device: torch.device, name: str) -> 
 def global_keep_masks(
     magnitudes: list[torch.Tensor], mask_ratio: float, hint: CutHint | None = None
 ) -> list[torch.Tensor]:
-    """The paper's global mode: remove ``round(mask_ratio * total)`` smallest entries across all matrices."""
+    """Mode ``global-abs-exact``: remove the ``round(mask_ratio * total)`` smallest entries across all matrices
+    (pass magnitudes), ties lowest index first in the matrices' order."""
     sizes = [m.numel() for m in magnitudes]
     device = magnitudes[0].device
     flat = torch.cat([m.detach().reshape(-1).to(device=device, dtype=torch.float32) for m in magnitudes])
@@ -225,6 +226,28 @@ def global_keep_masks(
     return [
         part.view(m.shape).to(m.device) for part, m in zip(torch.split(keep, sizes), magnitudes, strict=True)
     ]
+
+
+def official_percentile(values: torch.Tensor, q: float) -> float:
+    """The official code's ``percentile(t, q)`` (``scripts/finetune.py``): the ``1 + round(q * (numel - 1))``-th
+    smallest value (Python's ``round``: halves to even)."""
+    flat = values.detach().reshape(-1)
+    k = 1 + round(float(q) * (flat.numel() - 1))
+    return float(flat.kthvalue(k).values)
+
+
+def signed_threshold_keep(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Mode ``global-signed-threshold``, as the official ``GetSubnetThreshold``: an entry is removed where its signed
+    score is below ``threshold`` (``scores < threshold``); one equal to it, or NaN, is kept."""
+    return torch.lt(scores.detach(), threshold).logical_not_()
+
+
+def signed_threshold_for_ratio(scores: list[torch.Tensor], mask_ratio: float) -> float:
+    """One threshold for all ``scores`` (signed, concatenated): their official ``percentile`` at ``mask_ratio``, so
+    that about that fraction starts removed."""
+    device = scores[0].device
+    flat = torch.cat([s.detach().reshape(-1).to(device=device, dtype=torch.float32) for s in scores])
+    return official_percentile(flat, mask_ratio)
 
 
 def module_generator(seed: int, name: str) -> torch.Generator:

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from mft_bench.errors import MftBenchError
 
 INITS = ("normal", "magnitude")
-MODES = ("local", "global")
+LOCAL, GLOBAL_ABS_EXACT, GLOBAL_SIGNED_THRESHOLD = "local", "global-abs-exact", "global-signed-threshold"
+MODES = (LOCAL, GLOBAL_ABS_EXACT, GLOBAL_SIGNED_THRESHOLD)
+# the one line for recipes written when "global" named the exact-count |score| mode alone
+AMBIGUOUS_GLOBAL = (
+    "'global' is ambiguous: say global-abs-exact (mft-bench's: round(mask_ratio x total) entries of smallest |score| "
+    "across the masked matrices, exact count) or global-signed-threshold (the official code's: every entry whose "
+    "signed score is below one threshold)"
+)
 
 
 @dataclass
@@ -16,8 +24,12 @@ class MaskSpec:
 
     ``mask_ratio`` is the REMOVED fraction (the official config's ``sparsity 0.9`` means keep 90%, i.e. 0.1 here).
     ``modules=None`` means the architecture's default projections (see ``architectures.py``).
-    ``mode="local"`` removes ``round(mask_ratio * numel)`` entries per matrix (paper default); ``"global"`` removes
-    ``round(mask_ratio * total)`` entries with the smallest |score| across all masked matrices together.
+    ``mode``: ``local`` removes ``round(mask_ratio * numel)`` entries of smallest |score| per matrix (the paper's);
+    ``global-abs-exact`` removes ``round(mask_ratio * total)`` entries of smallest |score| across all masked matrices
+    together (exact count, mft-bench's); ``global-signed-threshold`` is the official code's global mode
+    (``SupermaskLinearThreshold``): an entry is removed while its SIGNED score is below ``threshold``, a constant
+    for the whole run, so the removed count follows the scores. ``threshold=None`` there takes the official
+    ``percentile`` helper of all initial scores at ``mask_ratio`` (about that fraction removed at the start).
     """
 
     layers: list[int]
@@ -25,7 +37,8 @@ class MaskSpec:
     mask_ratio: float = 0.1
     init: str = "normal"
     seed: int = 0
-    mode: str = "local"
+    mode: str = LOCAL
+    threshold: float | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -51,7 +64,17 @@ class MaskSpec:
         self.mask_ratio = float(self.mask_ratio)
         if self.init not in INITS:
             raise MftBenchError(f"mask.init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if self.mode == "global":
+            raise MftBenchError(f"mask.mode {AMBIGUOUS_GLOBAL}")
         if self.mode not in MODES:
             raise MftBenchError(f"mask.mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.threshold is not None:
+            if self.mode != GLOBAL_SIGNED_THRESHOLD:
+                raise MftBenchError(f"mask.threshold applies to mode {GLOBAL_SIGNED_THRESHOLD} only (mode is "
+                                    f"{self.mode}): remove it, or set that mode")
+            if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
+                    or not math.isfinite(self.threshold):
+                raise MftBenchError(f"mask.threshold must be a finite number, got {self.threshold!r}")
+            self.threshold = float(self.threshold)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise MftBenchError(f"mask.seed must be an integer, got {self.seed!r}")

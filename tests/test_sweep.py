@@ -1,0 +1,200 @@
+"""Sweeps: variants one factor at a time around a base recipe, run into one folder whose stages they share, and
+the cross-run table; bad sweep files refused in one line before anything runs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mft_bench.cli import main
+from mft_bench.masking import read_mask_metadata, removed_count
+from mft_bench.report.build import build_report, write_report
+from mft_bench.report.sweep_table import format_value, sweep_rows
+from mft_bench.run_folder import RunLock
+from mft_bench.sweep import load_sweep
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE_SWEEP = ROOT / "tasks" / "sweeps" / "smoke-sweep.yaml"
+PAPER_ABLATIONS = ROOT / "tasks" / "paper" / "ablations" / "llama2-7b-math.yaml"
+# three variants: the base, a learning rate (its mask baseline is the base's) and a global mode (its own)
+AXES = ["--axis", "mft.learning_rate", "--axis", "mask.mode"]
+EXPECTED = {"base": (None, None), "mft.learning_rate-0.05": ("mft.learning_rate", 0.05),
+            "mask.mode-global-abs-exact": ("mask.mode", "global-abs-exact")}
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep") / "smoke"
+    assert main(["sweep", str(SMOKE_SWEEP), "--out", str(out), *AXES]) == 0
+    return out
+
+
+def _folders(out: Path, prefix: str) -> list[Path]:
+    return sorted((out / "stages").glob(f"{prefix}-*"))
+
+
+def test_variants_share_the_stages_they_have_in_common(swept):
+    assert len(_folders(swept, "data")) == 1
+    assert len(_folders(swept, "fft")) == 1  # FFT trained once for three variants
+    assert len(_folders(swept, "mft")) == 3
+    assert len(_folders(swept, "random_mask")) == 2  # the learning-rate variant reuses the base's random mask
+    assert len(_folders(swept, "eval-baseline-last")) == 1 and len(_folders(swept, "eval-fft-last")) == 1
+    fft_evaluations = set()
+    for name in EXPECTED:
+        run = json.loads((swept / "variants" / name / "run.json").read_text())
+        fft = [e["metrics"] for e in run["evaluations"] if e["arm"] == "fft"]
+        assert fft and all(path.startswith("../../stages/") for path in fft)
+        fft_evaluations.update(fft)
+        assert (swept / "variants" / name / "report.json").is_file()
+    assert len(fft_evaluations) == 1
+
+
+def test_table_has_one_row_per_variant_with_its_setting_and_the_reports_numbers(swept):
+    table = json.loads((swept / "sweep.json").read_text())
+    assert [row["variant"] for row in table["rows"]] == list(EXPECTED)
+    assert table["base_values"] == {"mft.learning_rate": 0.01, "mask.mode": "local"}
+    for row in table["rows"]:
+        assert (row["axis"], row["value"]) == EXPECTED[row["variant"]]
+        report = json.loads((swept / "variants" / row["variant"] / "report.json").read_text())
+        mft = next(r for r in report["rows"] if r["arm"] == "mft" and r["benchmark"] == table["benchmark"]
+                   and r["metric"] == table["metric"])
+        vs_fft = next(c for c in report["comparisons"] if (c["arm_a"], c["arm_b"]) == ("mft", "fft")
+                      and c["benchmark"] == table["benchmark"] and c["metric"] == table["metric"])
+        assert row["mft"] == pytest.approx(mft["value"] * 100) and row["n"] == mft["n"]
+        assert row["delta_vs_fft"] == pytest.approx(vs_fft["diff"] * 100)
+        assert row["delta_vs_random"] is not None and row["selection"] == "last"
+    markdown = (swept / "sweep.md").read_text()
+    body = [line for line in markdown.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
+    assert [line.split(" | ")[0].removeprefix("| ") for line in body] == list(EXPECTED)
+    assert "| mask.mode-global-abs-exact | mask.mode | global-abs-exact |" in markdown
+    assert len((swept / "sweep.csv").read_text().strip().splitlines()) == 1 + len(EXPECTED)
+    assert "\\begin{tabular}" in (swept / "sweep.tex").read_text()
+
+
+def test_global_mode_baseline_removes_the_counts_mft_removed(swept):
+    run = json.loads((swept / "variants" / "mask.mode-global-abs-exact" / "run.json").read_text())
+    base = swept / "variants" / "mask.mode-global-abs-exact"
+    mft = read_mask_metadata(base / run["masks"]["mft"])
+    random = read_mask_metadata(base / run["masks"]["random_mask"])
+    assert random["removed"] == mft["removed"]
+    local = {name: removed_count(math.prod(shape), 0.1) for name, shape in mft["shapes"].items()}
+    assert mft["removed"] != local  # a global selection: the per-matrix counts are not the local ones
+
+
+def test_rerun_is_cached_and_rewrites_the_same_table(swept, capsys):
+    before = (swept / "sweep.json").read_bytes()
+    capsys.readouterr()
+    assert main(["sweep", str(SMOKE_SWEEP), "--out", str(swept), *AXES]) == 0
+    out = capsys.readouterr().out
+    assert "[running]" not in out and out.count("== variant") == 3
+    assert (swept / "sweep.json").read_bytes() == before
+
+
+def test_a_sweep_folder_in_use_or_of_another_sweep_is_refused(swept, tmp_path, capsys):
+    with RunLock(swept):
+        assert main(["sweep", str(SMOKE_SWEEP), "--out", str(swept), *AXES]) == 2
+    assert "is in use by" in capsys.readouterr().err
+    other = tmp_path / "other.yaml"
+    other.write_text(SMOKE_SWEEP.read_text().replace("name: smoke-sweep", "name: other-sweep"))
+    assert main(["sweep", str(other), "--out", str(swept), *AXES]) == 2
+    assert "holds sweep 'smoke-sweep', not 'other-sweep'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- bad sweep files: one line, exit 2, nothing run
+
+def _sweep_file(tmp_path: Path, axes=None, **block) -> Path:
+    data = yaml.safe_load(SMOKE_SWEEP.read_text())
+    if axes is not None:
+        data["sweep"]["axes"] = axes
+    data["sweep"].update(block)
+    if "base" in block:  # the base recipe comes from that file: the top level keeps the name alone
+        data = {"name": data["name"], "sweep": data["sweep"]}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("axes, block, message", [
+    ({"mask.ratio": [0.2]}, {}, "sweep axis 'mask.ratio' is not a recipe key"),
+    ({"mask.mask_ratio": []}, {}, "sweep axis 'mask.mask_ratio' has no values"),
+    ({"mask.mask_ratio": 0.2}, {}, "sweep axis 'mask.mask_ratio' must be a list of values"),
+    ({"mask.mask_ratio": [0.2, 1.5]}, {}, "sweep axis mask.mask_ratio=1.5"),
+    ({"mask.mode": ["global"]}, {}, "'global' is ambiguous"),
+    ({"mask.mask_ratio": [0.2, 0.2]}, {}, "lists 0.2 twice"),
+    ({}, {}, "sweep.axes must map at least one"),
+    (None, {"grid": {}}, "unknown key 'sweep.grid'"),
+    (None, {"base": "missing.yaml"}, "sweep.base recipe not found"),
+])
+def test_bad_sweep_is_one_line_exit_2_before_anything_runs(tmp_path, capsys, axes, block, message):
+    out = tmp_path / "out"
+    code = main(["sweep", str(_sweep_file(tmp_path, axes, **block)), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("mft-bench: error:") and message in err, err
+    assert not out.exists()
+
+
+def test_a_referenced_base_keeps_recipe_keys_out_of_the_top_level(tmp_path, capsys):
+    data = yaml.safe_load(SMOKE_SWEEP.read_text())
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({k: v for k, v in data.items() if k != "sweep"}))
+    data["sweep"]["base"] = "base.yaml"
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(data))
+    assert main(["sweep", str(tmp_path / "s.yaml"), "--dry-run"]) == 2
+    assert "with sweep.base, recipe keys belong in sweep.set, not at the top level: arms" in capsys.readouterr().err
+    referenced = {"name": "s", "sweep": {**data["sweep"], "set": {"mft.epochs": 2}}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(referenced))
+    sweep = load_sweep(tmp_path / "s.yaml", overrides=["fft.epochs=2"])
+    assert sweep.base.name == "smoke-sweep" and sweep.base.mft.epochs == 2 and sweep.base.fft.epochs == 2
+    assert all(v.recipe.mft.epochs == 2 for v in sweep.variants) and len(sweep.variants) == 5
+
+
+def test_unknown_axis_on_the_command_line_and_a_sweep_run_as_a_recipe(tmp_path, capsys):
+    assert main(["sweep", str(SMOKE_SWEEP), "--out", str(tmp_path / "o"), "--axis", "fft.epochs"]) == 2
+    assert "has no such axis; its axes are mask.layers, mask.mask_ratio" in capsys.readouterr().err
+    assert main(["run", str(SMOKE_SWEEP), "--out", str(tmp_path / "o")]) == 2
+    assert "is a sweep file: run it with 'mft-bench sweep" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- the paper's ablations and the table's cells
+
+def test_paper_ablations_share_one_fft_across_every_variant(tmp_path, capsys):
+    sweep = load_sweep(PAPER_ABLATIONS)
+    assert sweep.base.mask.layers == [4, 5, 6, 7] and sweep.base.mft.learning_rate == 2e-5
+    assert sweep.base.arms == ["baseline", "fft", "mft", "random_mask"]
+    assert set(sweep.axes) == {"mask.layers", "mask.mask_ratio", "mft.learning_rate", "mask.mode"}
+    assert len(sweep.axes["mask.layers"]) == 8 and sweep.axes["mask.mode"] == [
+        "local", "global-abs-exact", "global-signed-threshold"]
+    assert main(["sweep", "paper/ablations/llama2-7b-math", "--dry-run", "--out", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(sweep.variants)} variants" in out and "training runs: fft x1, mft x16" in out
+    assert "mask.layers = 28-31" in out and not (tmp_path / "s").exists()
+
+
+def test_table_cells_are_the_reports_numbers_in_percent(tmp_path):
+    from test_report import make_run
+
+    entries = []
+    for name, axis, value in (("base", None, None), ("mask.layers-4_5_6_7", "mask.layers", [4, 5, 6, 7])):
+        run_dir = make_run(tmp_path / name)
+        write_report(build_report(run_dir, n_bootstrap=200), run_dir)
+        entries.append({"variant": name, "axis": axis, "value": value, "run_dir": run_dir})
+    report = json.loads((tmp_path / "base" / "report.json").read_text())
+    for selection, arm in (("last", "mft"), ("val", "mft@val")):
+        rows, (benchmark, metric) = sweep_rows(entries, selection)
+        assert (benchmark, metric) == ("gsm8k", "exact_match")
+        expected = next(r for r in report["rows"]
+                        if (r["arm"], r["benchmark"], r["metric"]) == (arm, benchmark, metric))
+        delta = next(c for c in report["comparisons"] if (c["arm_a"], c["arm_b"], c["benchmark"], c["metric"])
+                     == (arm, arm.replace("mft", "fft"), benchmark, metric))
+        assert rows[0]["mft"] == pytest.approx(100 * expected["value"]) and rows[0]["mft"] > 0
+        assert rows[0]["mft_ci_low"] == pytest.approx(100 * expected["ci_low"])
+        assert rows[0]["delta_vs_fft"] == pytest.approx(100 * delta["diff"]) and rows[0]["delta_vs_fft"] != 0
+        assert rows[0]["delta_vs_fft_significant"] == delta["significant"]
+        # the random mask has one checkpoint: its comparison with MFT exists among the last checkpoints only
+        assert (rows[0]["delta_vs_random"] is None) == (selection != "last")
+    assert format_value([4, 5, 6, 7]) == "4-7" and format_value([0, 2]) == "0,2" and format_value(2e-5) == "2e-05"
