@@ -111,3 +111,27 @@ def test_is_binary():
     assert stats.is_binary([0, 1, 1.0])
     assert not stats.is_binary([0, 0.5])
     assert not stats.is_binary([])
+
+
+def test_stratified_mcnemar_pools_discordant_pairs_over_strata():
+    from mft_bench.report.stats import mcnemar_exact_counts, stratified_mcnemar
+
+    # one stratum: exactly McNemar's exact test, and the paired difference of that table
+    single = stratified_mcnemar([(50, 9, 2)])
+    assert single.p_value == mcnemar_exact_counts(9, 2).p_value and single.diff == pytest.approx(7 / 50)
+    # three seeds: none significant alone, the summed discordant pairs (24 vs 12) tested once
+    strata = [(100, 10, 2), (100, 8, 4), (100, 6, 6)]
+    assert all(mcnemar_exact_counts(a, b).p_value > 0.01 for _, a, b in strata[1:])
+    pooled = stratified_mcnemar(strata)
+    assert (pooled.n, pooled.a_only, pooled.b_only) == (300, 24, 12)
+    assert pooled.p_value == mcnemar_exact_counts(24, 12).p_value and pooled.diff == pytest.approx(12 / 300)
+    # the interval's variance: each stratum's per-item differences (+1 A only, -1 B only, 0 else) about their
+    # own mean, summed over strata: built here from explicit item arrays
+    items = [np.concatenate([np.ones(a), -np.ones(b), np.zeros(n - a - b)]) for n, a, b in strata]
+    variance = sum(d.size * d.var() for d in items) / 300**2
+    half = 1.959964 * np.sqrt(variance)
+    assert pooled.ci_low == pytest.approx(12 / 300 - half, rel=1e-5)
+    assert pooled.ci_high == pytest.approx(12 / 300 + half, rel=1e-5)
+    assert pooled.significant == (pooled.p_value < 0.05)
+    with pytest.raises(ValueError, match="not a paired table"):
+        stratified_mcnemar([(10, 8, 4)])

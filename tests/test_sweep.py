@@ -198,3 +198,41 @@ def test_table_cells_are_the_reports_numbers_in_percent(tmp_path):
         # the random mask has one checkpoint: its comparison with MFT exists among the last checkpoints only
         assert (rows[0]["delta_vs_random"] is None) == (selection != "last")
     assert format_value([4, 5, 6, 7]) == "4-7" and format_value([0, 2]) == "0,2" and format_value(2e-5) == "2e-05"
+
+
+def test_a_seed_axis_is_pooled_over_seeds_with_the_stratified_test(tmp_path):
+    from test_report import make_run
+
+    from mft_bench.report.stats import mcnemar_exact_counts
+    from mft_bench.report.sweep_table import seed_pooled, write_sweep_table
+
+    entries = []
+    for name, axis, value in (("base", None, None), ("seed-1", "seed", 1), ("seed-2", "seed", 2),
+                              ("mask.mask_ratio-0.2", "mask.mask_ratio", 0.2)):
+        run_dir = make_run(tmp_path / name)
+        write_report(build_report(run_dir, n_bootstrap=200), run_dir)
+        entries.append({"variant": name, "axis": axis, "value": value, "run_dir": run_dir})
+    report = json.loads((tmp_path / "base" / "report.json").read_text())
+    one = next(c for c in report["comparisons"] if (c["arm_a"], c["arm_b"], c["benchmark"], c["metric"])
+               == ("mft", "fft", "gsm8k", "exact_match"))
+    assert one["discordant"] == 8 and one["p_value"] < 0.05  # make_run: MFT = FFT with 8 items fixed
+
+    pooled = seed_pooled(entries, {"seed": 0, "mask.mask_ratio": 0.1})
+    assert pooled["seeds"] == [0, 1, 2]  # the other axis's variant is not a replicate
+    vs_fft = next(c for c in pooled["comparisons"] if (c["arm_a"], c["arm_b"]) == ("mft", "fft"))
+    assert (vs_fft["n"], vs_fft["a_only"], vs_fft["b_only"]) == (900, 24, 0)
+    assert vs_fft["p_value"] == mcnemar_exact_counts(24, 0).p_value and vs_fft["significant"]
+    assert vs_fft["per_seed"] == pytest.approx([100 * one["diff"]] * 3) and vs_fft["seeds_same_sign"] == 3
+    assert all("@" not in c["arm_a"] + c["arm_b"] for c in pooled["comparisons"])  # last checkpoints only
+    mft = next(a for a in pooled["arms"] if a["arm"] == "mft")
+    cell = next(r for r in report["rows"] if (r["arm"], r["benchmark"], r["metric"]) == ("mft", "gsm8k", "exact_match"))
+    assert mft["n"] == 900 and mft["value"] == pytest.approx(100 * cell["value"])
+    assert mft["ci_high"] - mft["ci_low"] < 100 * (cell["ci_high"] - cell["ci_low"])  # three times the items
+
+    assert seed_pooled(entries[:1] + entries[3:], {"seed": 0}) is None  # no replicate: nothing pooled
+    assert seed_pooled(entries, {"mask.mask_ratio": 0.1}) is None  # no seed axis
+    write_sweep_table(entries, tmp_path / "table", sweep="seeds", base_recipe="fake",
+                      base_values={"seed": 0, "mask.mask_ratio": 0.1})
+    markdown = (tmp_path / "table" / "sweep.md").read_text()
+    assert "## Pooled over seeds 0, 1, 2" in markdown and "| mft | fft | +2.7†" in markdown
+    assert json.loads((tmp_path / "table" / "sweep.json").read_text())["seed_pooled"]["comparisons"]

@@ -222,6 +222,47 @@ def compare_paired(
     return PairedDifference(diff, left.size, low, high, bootstrap_p_value(samples), significant, "bootstrap")
 
 
+@dataclass(frozen=True)
+class StratifiedPairs:
+    """Paired binary comparison of A and B pooled over strata (seeds), each stratum paired on its own items."""
+
+    n: int  # pairs over all strata
+    a_only: int  # pairs right only under A, summed over strata
+    b_only: int
+    diff: float  # (a_only - b_only) / n: the pooled mean of A - B
+    ci_low: float
+    ci_high: float
+    p_value: float
+    significant: bool
+
+
+def stratified_mcnemar(strata: list[tuple[int, int, int]], *, confidence: float = 0.95) -> StratifiedPairs:
+    """Pool paired comparisons over strata given as ``(n, a_only, b_only)`` each.
+
+    Test: the exact McNemar test on the discordant pairs summed over strata (the Mantel-Haenszel test for matched
+    pairs). Under "A and B are equally good in every stratum" each discordant pair goes either way with
+    probability 1/2 whatever its stratum, so the pooled count is binomial; strata may differ in accuracy and in
+    how many pairs they hold. Interval: normal approximation to the pooled mean difference, with each stratum's
+    variance of the per-item difference (strata are fixed, items random: seed-to-seed spread is not in it).
+    """
+    _check_confidence(confidence)
+    if not strata:
+        raise ValueError("stratified_mcnemar needs at least one stratum")
+    for n, a_only, b_only in strata:
+        if n <= 0 or a_only < 0 or b_only < 0 or a_only + b_only > n:
+            raise ValueError(f"stratum (n={n}, a_only={a_only}, b_only={b_only}) is not a paired table")
+    total = sum(n for n, _, _ in strata)
+    a_total = sum(a for _, a, _ in strata)
+    b_total = sum(b for _, _, b in strata)
+    diff = (a_total - b_total) / total
+    # variance of the sum of per-item differences (+1, -1, 0) in one stratum: n * (E[d^2] - E[d]^2)
+    variance = sum(n * ((a + b) / n - ((a - b) / n) ** 2) for n, a, b in strata) / total**2
+    half = z_value(confidence) * math.sqrt(variance)
+    p_value = mcnemar_exact_counts(a_total, b_total).p_value
+    return StratifiedPairs(total, a_total, b_total, diff, max(-1.0, diff - half), min(1.0, diff + half), p_value,
+                           p_value < 1.0 - confidence)
+
+
 def mcnemar_min_net_gain(discordant: int, alpha: float = 0.05) -> int | None:
     """Smallest net item gain |A_only - B_only| McNemar calls significant given ``discordant`` pairs.
 

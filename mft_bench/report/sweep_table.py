@@ -18,11 +18,13 @@ from typing import Any
 import pandas as pd
 
 from mft_bench.errors import MftBenchError
-from mft_bench.report.collect import SELECTION_SUFFIXES, atomic_write_text, dumps_json
+from mft_bench.report.collect import SELECTION_SUFFIXES, atomic_write_text, dumps_json, split_arm
 from mft_bench.report.paper import _headline
+from mft_bench.report.stats import stratified_mcnemar, wilson_interval
 
 STEM = "sweep"
 METHOD, REFERENCE, RANDOM = "mft", "fft", "random_mask"
+SEED_AXIS = "seed"  # an axis over the recipe seed replicates the base: its variants are pooled
 
 
 def _load_report(run_dir: Path) -> dict[str, Any]:
@@ -81,6 +83,88 @@ def sweep_rows(entries: list[dict[str, Any]], selection: str = "last") -> tuple[
             row[f"{prefix}_test"] = comparison["test"] if comparison else None
         rows.append(row)
     return rows, (benchmark, metric)
+
+
+def seed_pooled(entries: list[dict[str, Any]], base_values: dict[str, Any], selection: str = "last") -> dict | None:
+    """Pool the base and its ``seed`` variants (replicates: the seed varies the training rows, their order and the
+    mask's initialisation): per arm, the per-seed values and the pooled rate; per paired comparison of the base
+    report (headline benchmark and metric, binary scores), the per-seed differences and the stratified exact
+    McNemar test (``stats.stratified_mcnemar``). None when the sweep has no seed axis."""
+    seeded = [entry for entry in entries if entry["axis"] in (None, SEED_AXIS)]
+    if SEED_AXIS not in base_values or len(seeded) < 2:
+        return None
+    seeds = [base_values[SEED_AXIS] if entry["axis"] is None else entry["value"] for entry in seeded]
+    reports = [_load_report(entry["run_dir"]) for entry in seeded]
+    benchmark, metric = _headline(reports[0])
+    arms = []
+    for row in reports[0].get("rows") or []:
+        cells = [_row(report, row["arm"], benchmark, metric) for report in reports]
+        if row["benchmark"] != benchmark or row["metric"] != metric or split_arm(row["arm"])[1] != selection \
+                or None in cells:
+            continue
+        if not all(cell.get("ci_method") == "wilson" for cell in cells):
+            continue
+        correct = sum(round(cell["value"] * cell["n"]) for cell in cells)
+        total = sum(cell["n"] for cell in cells)
+        low, high = wilson_interval(correct, total)
+        arms.append({"arm": row["arm"], "per_seed": [_points(cell["value"]) for cell in cells], "n": total,
+                     "value": 100.0 * correct / total, "ci_low": 100.0 * low, "ci_high": 100.0 * high})
+    comparisons = []
+    for first in reports[0].get("comparisons") or []:
+        pair = (first["arm_a"], first["arm_b"])
+        if first["benchmark"] != benchmark or first["metric"] != metric or first.get("test") != "mcnemar" \
+                or split_arm(pair[0])[1] != selection:
+            continue
+        found = [_comparison(report, *pair, benchmark, metric) for report in reports]
+        if None in found:
+            continue
+        strata = []
+        for c in found:
+            net = round(c["diff"] * c["n"])
+            strata.append((c["n"], (c["discordant"] + net) // 2, (c["discordant"] - net) // 2))
+        pooled = stratified_mcnemar(strata)
+        per_seed = [_points(c["diff"]) for c in found]
+        comparisons.append({
+            "arm_a": pair[0], "arm_b": pair[1], "n": pooled.n, "a_only": pooled.a_only, "b_only": pooled.b_only,
+            "per_seed": per_seed, "per_seed_p_value": [c["p_value"] for c in found],
+            "diff": 100.0 * pooled.diff, "ci_low": 100.0 * pooled.ci_low, "ci_high": 100.0 * pooled.ci_high,
+            "p_value": pooled.p_value, "significant": pooled.significant,
+            "seeds_same_sign": sum(1 for d in per_seed if d and (d > 0) == (pooled.diff > 0)),
+        })
+    return {"seeds": seeds, "benchmark": benchmark, "metric": metric, "selection": selection, "arms": arms,
+            "comparisons": comparisons,
+            "method": "per seed: the variant's own report (McNemar exact); pooled: exact McNemar on the discordant "
+                      "pairs summed over seeds (Mantel-Haenszel for matched pairs), Wald interval of the pooled "
+                      "mean difference (item sampling only; the per-seed values show the seed spread)"}
+
+
+def render_seed_pooled(pooled: dict[str, Any]) -> str:
+    seeds = ", ".join(str(seed) for seed in pooled["seeds"])
+    lines = [
+        "", f"## Pooled over seeds {seeds}", "",
+        f"{pooled['benchmark']}:{pooled['metric']}, percent, {pooled['selection']} checkpoint. Pooled: every "
+        "seed's items counted once per seed [95% Wilson interval]; per seed in order.", "",
+        "| arm | pooled | n | per seed |", "|---|---:|---:|---|",
+    ]
+    for arm in pooled["arms"]:
+        per_seed = ", ".join(f"{value:.1f}" for value in arm["per_seed"])
+        lines.append(f"| {arm['arm']} | {_interval(arm['value'], arm['ci_low'], arm['ci_high'])} | {arm['n']} | "
+                     f"{per_seed} |")
+    lines += [
+        "", "Paired differences A − B in points. Pooled: exact McNemar on the discordant pairs summed over seeds "
+        "(stratified by seed), † significant at 5%; interval: normal approximation over items (seed spread is in "
+        "the per-seed column, not in the interval).", "",
+        "| A | B | pooled Δ | p | A only / B only | per seed Δ (p) | seeds agreeing |",
+        "|---|---|---:|---:|---:|---|---:|",
+    ]
+    for c in pooled["comparisons"]:
+        per_seed = ", ".join(f"{d:+.1f} ({p:.2g})" for d, p in zip(c["per_seed"], c["per_seed_p_value"]))
+        lines.append(
+            f"| {c['arm_a']} | {c['arm_b']} | "
+            f"{_interval(c['diff'], c['ci_low'], c['ci_high'], signed=True, significant=c['significant'])} | "
+            f"{c['p_value']:.2g} | {c['a_only']} / {c['b_only']} | {per_seed} | "
+            f"{c['seeds_same_sign']}/{len(c['per_seed'])} |")
+    return "\n".join(lines) + "\n"
 
 
 def format_value(value: Any) -> str:
@@ -164,14 +248,17 @@ def write_sweep_table(entries: list[dict[str, Any]], out_dir: Path, *, sweep: st
                       base_values: dict[str, Any], selection: str = "last") -> list[Path]:
     """Write ``sweep.{md,csv,json,tex}`` into ``out_dir`` from the variants' reports."""
     rows, headline = sweep_rows(entries, selection)
+    pooled = seed_pooled(entries, base_values, selection)
     out_dir = Path(out_dir)
     frame = pd.DataFrame([{**row, "value": format_value(row["value"]) if row["axis"] else None} for row in rows])
     document = {"sweep": sweep, "base_recipe": base_recipe, "base_values": base_values, "selection": selection,
                 "benchmark": headline[0], "metric": headline[1], "units": "percent; deltas in points",
-                "rows": [{**row, "run_dir": str(entry["run_dir"])} for row, entry in zip(rows, entries)]}
+                "rows": [{**row, "run_dir": str(entry["run_dir"])} for row, entry in zip(rows, entries)],
+                "seed_pooled": pooled}
+    markdown = render_markdown(rows, headline, sweep=sweep, base_recipe=base_recipe, base_values=base_values,
+                               selection=selection)
     return [
-        atomic_write_text(out_dir / f"{STEM}.md", render_markdown(rows, headline, sweep=sweep, base_recipe=base_recipe,
-                                                                  base_values=base_values, selection=selection)),
+        atomic_write_text(out_dir / f"{STEM}.md", markdown + (render_seed_pooled(pooled) if pooled else "")),
         atomic_write_text(out_dir / f"{STEM}.csv", frame.to_csv(index=False, float_format="%.6g")),
         atomic_write_text(out_dir / f"{STEM}.tex", render_latex(rows, headline, sweep=sweep)),
         atomic_write_text(out_dir / f"{STEM}.json", dumps_json(document)),
