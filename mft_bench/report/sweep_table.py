@@ -2,8 +2,8 @@
 with its interval, and MFT's paired differences from FFT and from the random mask, all read from the variants'
 own ``report.json`` (so a cell here equals the one in that variant's report).
 
-The headline is what the paper table shows (``paper._headline``: the domain's benchmark, else the first), its
-primary metric, in percent; differences in points. ``selection`` picks the checkpoint family of the rows
+The headline is what the paper table shows (``paper_numbers.headline_benchmark``: the domain's benchmark, else
+the first), its primary metric, in percent; differences in points. ``selection`` picks the checkpoint family of the rows
 (``last``, ``val``, ``test-selected``: the report's ``mft``, ``mft@val``, ``mft@test``); the random mask has one
 checkpoint, so MFT vs random mask exists for ``last`` only.
 """
@@ -18,8 +18,9 @@ from typing import Any
 import pandas as pd
 
 from mft_bench.errors import MftBenchError
-from mft_bench.report.collect import SELECTION_SUFFIXES, atomic_write_text, dumps_json
-from mft_bench.report.paper import _headline
+from mft_bench.atomic import dumps_json, write_text_atomic
+from mft_bench.report.collect import SELECTION_SUFFIXES
+from mft_bench.report.paper_numbers import headline_benchmark
 
 STEM = "sweep"
 METHOD, REFERENCE, RANDOM = "mft", "fft", "random_mask"
@@ -54,7 +55,7 @@ def sweep_rows(entries: list[dict[str, Any]], selection: str = "last") -> tuple[
         raise MftBenchError("sweep table: no variants")
     suffix = SELECTION_SUFFIXES[selection]
     reports = [_load_report(entry["run_dir"]) for entry in entries]
-    headline = _headline(reports[0])
+    headline = headline_benchmark(reports[0])
     if headline is None:
         raise MftBenchError(f"{entries[0]['run_dir']}: the report has no benchmark rows")
     benchmark, metric = headline
@@ -170,9 +171,9 @@ def write_sweep_table(entries: list[dict[str, Any]], out_dir: Path, *, sweep: st
                 "benchmark": headline[0], "metric": headline[1], "units": "percent; deltas in points",
                 "rows": [{**row, "run_dir": str(entry["run_dir"])} for row, entry in zip(rows, entries)]}
     return [
-        atomic_write_text(out_dir / f"{STEM}.md", render_markdown(rows, headline, sweep=sweep, base_recipe=base_recipe,
+        write_text_atomic(out_dir / f"{STEM}.md", render_markdown(rows, headline, sweep=sweep, base_recipe=base_recipe,
                                                                   base_values=base_values, selection=selection)),
-        atomic_write_text(out_dir / f"{STEM}.csv", frame.to_csv(index=False, float_format="%.6g")),
-        atomic_write_text(out_dir / f"{STEM}.tex", render_latex(rows, headline, sweep=sweep)),
-        atomic_write_text(out_dir / f"{STEM}.json", dumps_json(document)),
+        write_text_atomic(out_dir / f"{STEM}.csv", frame.to_csv(index=False, float_format="%.6g")),
+        write_text_atomic(out_dir / f"{STEM}.tex", render_latex(rows, headline, sweep=sweep)),
+        write_text_atomic(out_dir / f"{STEM}.json", dumps_json(document)),
     ]
