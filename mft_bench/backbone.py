@@ -139,10 +139,29 @@ def load_backbone(name: str, *, gguf_file: str | None = None, dtype: str = "floa
         raise MftBenchError(f"backbone '{name}' could not be loaded: {first_line}") from exc
     if gguf_file:
         # transformers dequantizes GGUF to float but keeps a "quantizer" that blocks training and saving.
-        from mft_bench.train.trainer import release_gguf_quantizer
-
         release_gguf_quantizer(model, "backbone")
     return model.eval(), _with_defaults(tokenizer)
+
+
+def release_gguf_quantizer(model, arm: str, *, allow_quantized: bool = False) -> None:
+    """Make a GGUF-loaded backbone trainable and saveable.
+
+    transformers dequantizes GGUF weights to float on load but keeps a GGUF "quantizer" on the model, and with it
+    Trainer refuses full fine-tuning and ``save_pretrained`` refuses to write. The weights are already dense, so
+    the quantizer is dropped. Other quantization methods really are quantized: only LoRA may train on them.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return
+    method = str(getattr(quantizer.quantization_config, "quant_method", "unknown")).lower()
+    if method.endswith("gguf"):
+        logger.info("dropping the GGUF quantizer of a dequantized backbone so that it can train and be saved")
+        quantizer.remove_quantization_config(model)
+    elif not allow_quantized:
+        raise MftBenchError(
+            f"the {arm} arm needs full-precision weights, but the backbone is quantized ({method}); load it in "
+            "float32/bfloat16"
+        )
 
 
 def load_tokenizer(folder: str):
