@@ -1,15 +1,19 @@
 """All-or-nothing file writes: a temporary file in the same folder, fsync, then ``os.replace``.
 
 A reader (or a rerun after SIGKILL) sees either the old file or the complete new one, never a torn one.
+
+Also the project's one JSON rendering (:func:`dumps_json`, :func:`dumps_json_line`): sorted keys, UTF-8 kept
+readable, strict JSON (NaN/inf become null), so the same value always gives the same bytes.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
@@ -34,9 +38,35 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return write_bytes_atomic(path, text.encode("utf-8"))
 
 
+def json_safe(value: Any) -> Any:
+    """JSON-safe copy: numpy/torch scalars -> Python numbers, tuples -> lists, keys -> str, NaN/inf -> None."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if hasattr(value, "item") and callable(value.item) and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def dumps_json(value: Any) -> str:
+    """A JSON document: sorted keys, 2-space indent, trailing newline."""
+    return json.dumps(json_safe(value), indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n"
+
+
+def dumps_json_line(value: Any) -> str:
+    """One JSON-lines row (no newline): sorted keys, compact."""
+    return json.dumps(json_safe(value), sort_keys=True, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
 def write_json_atomic(path: str | os.PathLike, value: Any) -> Path:
-    """Indented JSON with sorted keys and a trailing newline."""
-    return write_text_atomic(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
+    return write_text_atomic(path, dumps_json(value))
+
+
+def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[Any]) -> Path:
+    return write_text_atomic(path, "".join(dumps_json_line(row) + "\n" for row in rows))
 
 
 def _fsync_dir(folder: Path) -> None:

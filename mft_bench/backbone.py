@@ -81,16 +81,13 @@ def byte_tokenizer():
     return fast
 
 
-def tiny_model(arch: str = "llama", *, vocab_size: int = 259, num_layers: int = 4, seed: int = 0):
-    """A tiny randomly initialised causal LM of the given architecture (hidden 32), seeded."""
-    from transformers import (
-        AutoModelForCausalLM,
-        GPT2Config,
-        GPTNeoXConfig,
-        LlamaConfig,
-        MistralConfig,
-        Qwen2Config,
-    )
+BYTE_VOCAB_SIZE = 259  # len(byte_tokenizer()): 256 byte tokens + bos, eos, pad
+
+
+def tiny_config(arch: str = "llama", *, vocab_size: int = BYTE_VOCAB_SIZE, num_layers: int = 4):
+    """The transformers config of a tiny model of the given architecture (hidden 32): the one place its
+    dimensions are set (``tiny_model`` builds it; ``model_shape`` reads the cost shapes from it)."""
+    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, Qwen2Config
 
     special = dict(bos_token_id=vocab_size - 3, eos_token_id=vocab_size - 2, pad_token_id=vocab_size - 1)
     common_llama = dict(
@@ -98,20 +95,26 @@ def tiny_model(arch: str = "llama", *, vocab_size: int = 259, num_layers: int = 
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192, tie_word_embeddings=False,
     )
     if arch == "llama":
-        config = LlamaConfig(**common_llama)
-    elif arch == "qwen2":
-        config = Qwen2Config(**common_llama)
-    elif arch == "mistral":
-        config = MistralConfig(**common_llama)
-    elif arch == "gpt_neox":
-        config = GPTNeoXConfig(
+        return LlamaConfig(**common_llama)
+    if arch == "qwen2":
+        return Qwen2Config(**common_llama)
+    if arch == "mistral":
+        return MistralConfig(**common_llama)
+    if arch == "gpt_neox":
+        return GPTNeoXConfig(
             **special, vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
             num_attention_heads=4, max_position_embeddings=8192, tie_word_embeddings=False,
         )
-    elif arch == "gpt2":
-        config = GPT2Config(**special, vocab_size=vocab_size, n_embd=32, n_layer=num_layers, n_head=4, n_positions=8192)
-    else:
-        raise MftBenchError(f"unknown tiny architecture '{arch}'; choose one of {', '.join(TINY_ARCHS)}")
+    if arch == "gpt2":
+        return GPT2Config(**special, vocab_size=vocab_size, n_embd=32, n_layer=num_layers, n_head=4, n_positions=8192)
+    raise MftBenchError(f"unknown tiny architecture '{arch}'; choose one of {', '.join(TINY_ARCHS)}")
+
+
+def tiny_model(arch: str = "llama", *, vocab_size: int = BYTE_VOCAB_SIZE, num_layers: int = 4, seed: int = 0):
+    """A tiny randomly initialised causal LM of the given architecture (:func:`tiny_config`), seeded."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(arch, vocab_size=vocab_size, num_layers=num_layers)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
@@ -139,10 +142,29 @@ def load_backbone(name: str, *, gguf_file: str | None = None, dtype: str = "floa
         raise MftBenchError(f"backbone '{name}' could not be loaded: {first_line}") from exc
     if gguf_file:
         # transformers dequantizes GGUF to float but keeps a "quantizer" that blocks training and saving.
-        from mft_bench.train.trainer import release_gguf_quantizer
-
         release_gguf_quantizer(model, "backbone")
     return model.eval(), _with_defaults(tokenizer)
+
+
+def release_gguf_quantizer(model, arm: str, *, allow_quantized: bool = False) -> None:
+    """Make a GGUF-loaded backbone trainable and saveable.
+
+    transformers dequantizes GGUF weights to float on load but keeps a GGUF "quantizer" on the model, and with it
+    Trainer refuses full fine-tuning and ``save_pretrained`` refuses to write. The weights are already dense, so
+    the quantizer is dropped. Other quantization methods really are quantized: only LoRA may train on them.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return
+    method = str(getattr(quantizer.quantization_config, "quant_method", "unknown")).lower()
+    if method.endswith("gguf"):
+        logger.info("dropping the GGUF quantizer of a dequantized backbone so that it can train and be saved")
+        quantizer.remove_quantization_config(model)
+    elif not allow_quantized:
+        raise MftBenchError(
+            f"the {arm} arm needs full-precision weights, but the backbone is quantized ({method}); load it in "
+            "float32/bfloat16"
+        )
 
 
 def load_tokenizer(folder: str):

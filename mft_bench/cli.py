@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from mft_bench.errors import MftBenchError
+from mft_bench.resources import tasks_dir
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 PAPER_BACKBONES = ("llama2-7b", "llama3.1-8b")
@@ -23,12 +24,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         sys.stderr.write(f"mft-bench: error: {message}\n")
         raise SystemExit(EXIT_BAD_INPUT)
-
-
-def tasks_dir() -> Path:
-    """``tasks/`` of the checkout (next to the package), else of the current folder."""
-    here = Path(__file__).resolve().parent.parent / "tasks"
-    return here if here.is_dir() else Path("tasks")
 
 
 def resolve_recipe(arg: str) -> Path:
@@ -157,7 +152,7 @@ def cmd_reproduce(args) -> int:
     if args.nproc > 1:
         return _relaunch(args.nproc, args.argv, recipes)
     from mft_bench.pipeline import run_recipe
-    from mft_bench.report import paper_table
+    from mft_bench.report import write_paper_table
 
     run_dirs = []
     for recipe in recipes:
@@ -165,7 +160,7 @@ def cmd_reproduce(args) -> int:
         run_dirs.append(out / recipe.name)
     if not _is_main_process():
         return EXIT_OK
-    for path in paper_table(run_dirs, out):
+    for path in write_paper_table(run_dirs, out):
         if path.suffix == ".md":
             print(path.read_text())
     return EXIT_OK
@@ -197,7 +192,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from mft_bench.report import build_report, paper_table, write_report
+    from mft_bench.report import build_report, write_paper_table, write_report
 
     run_dirs = [Path(d) for d in args.run_dirs]
     for run_dir in run_dirs:
@@ -208,7 +203,7 @@ def cmd_report(args) -> int:
         print((run_dir / "report.md").read_text())
     if len(run_dirs) > 1:
         out = Path(args.out or run_dirs[0].parent)
-        for path in paper_table(run_dirs, out):
+        for path in write_paper_table(run_dirs, out):
             if path.suffix == ".md":
                 print(path.read_text())
     return EXIT_OK

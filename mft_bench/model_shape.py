@@ -131,19 +131,6 @@ def _llama(num_layers: int, hidden: int, intermediate: int, vocab: int, heads: i
                       **extra)
 
 
-def _tiny(arch: str) -> ModelShape:
-    """The shapes ``mft_bench.backbone.tiny_model`` builds (hidden 32, 4 layers, byte vocab 259)."""
-    if arch == "gpt2":
-        return ModelShape(arch="gpt2", num_layers=4, hidden=32, intermediate=128, vocab=259, num_heads=4,
-                          num_kv_heads=4, head_dim=8, tied_embeddings=True, gated_mlp=False, linear_bias=True,
-                          layer_norm=True, position_embeddings=8192)
-    if arch == "gpt_neox":
-        return ModelShape(arch="gpt_neox", num_layers=4, hidden=32, intermediate=64, vocab=259, num_heads=4,
-                          num_kv_heads=4, head_dim=8, tied_embeddings=False, gated_mlp=False, linear_bias=True,
-                          layer_norm=True)
-    return _llama(4, 32, 64, 259, 4, 2, False, arch=arch, qkv_bias=arch == "qwen2")
-
-
 _SMOLLM2_135M = _llama(30, 576, 1536, 49152, 9, 3, True)
 _SMOLLM2_360M = _llama(32, 960, 2560, 49152, 15, 5, True)
 _LLAMA2_7B = _llama(32, 4096, 11008, 32000, 32, 32, False)
@@ -165,13 +152,18 @@ KNOWN_SHAPES: Mapping[str, ModelShape] = MappingProxyType({
     "meta-llama/Meta-Llama-3.1-8B": _LLAMA31_8B,
     "mistralai/Mistral-7B-v0.1": _MISTRAL_7B,
     "Qwen/Qwen2.5-0.5B-Instruct": _QWEN25_05B,
-    **{f"tiny:{arch}": _tiny(arch) for arch in ("llama", "qwen2", "mistral", "gpt_neox", "gpt2")},
 })
 
 
 def shape_for_backbone(name: str) -> ModelShape | None:
-    """The shape of a backbone by name, without network: a :data:`KNOWN_SHAPES` entry (case-insensitive), or a
-    local folder's ``config.json``. ``None`` if unknown (the plan then shows no estimate for it)."""
+    """The shape of a backbone by name, without network: a :data:`KNOWN_SHAPES` entry (case-insensitive), a tiny
+    test model (``tiny:<arch>``, read from the config ``backbone.tiny_config`` builds), or a local folder's
+    ``config.json``. ``None`` if unknown (the plan then shows no estimate for it)."""
+    if name.startswith("tiny:"):
+        from mft_bench.backbone import TINY_ARCHS, tiny_config
+
+        arch = name.split(":", 1)[1]
+        return ModelShape.from_config(tiny_config(arch)) if arch in TINY_ARCHS else None
     if name in KNOWN_SHAPES:
         return KNOWN_SHAPES[name]
     lowered = {key.lower(): shape for key, shape in KNOWN_SHAPES.items()}

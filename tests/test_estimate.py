@@ -13,7 +13,6 @@ from mft_bench.estimate import (
     FSDP_EFFICIENCY,
     GIB,
     KNOWN_SHAPES,
-    Estimate,
     Hardware,
     ModelShape,
     cpu_hardware,
@@ -74,7 +73,8 @@ def test_shape_for_backbone_unknown_and_case_insensitive(tmp_path) -> None:
     assert shape_for_backbone("no-such/model-xyz") is None
     assert shape_for_backbone("META-LLAMA/llama-2-7b-hf") == LLAMA2
     tiny_model("qwen2", vocab_size=259).config.save_pretrained(tmp_path)
-    assert shape_for_backbone(str(tmp_path)) == KNOWN_SHAPES["tiny:qwen2"]
+    assert shape_for_backbone(str(tmp_path)) == shape_for_backbone("tiny:qwen2")
+    assert shape_for_backbone("tiny:no-such-arch") is None
 
 
 def test_fft_flops_are_six_n_t_plus_attention() -> None:
@@ -205,7 +205,18 @@ def test_hardware_detection_and_gpu_table() -> None:
     unknown = gpu_hardware("Some Future GPU")
     assert unknown.peak_flops < gpu_hardware("NVIDIA A100-SXM4-80GB").peak_flops
     assert H200.train_flops(4) < H200.train_flops(2)
-    assert dataclasses.is_dataclass(Estimate)
+
+
+def test_an_estimate_fits_a_device_by_its_peak_memory_and_stays_as_computed() -> None:
+    estimate = estimate_training(LLAMA2, "fft", 8192, hardware=H200, dtype_bytes=2, seq_len=2048,
+                                 micro_batch_tokens=8192, tokens_per_step=8192, gradient_checkpointing=True)
+    assert estimate.fits(dataclasses.replace(H200, memory_bytes=estimate.memory_bytes))
+    assert not estimate.fits(dataclasses.replace(H200, memory_bytes=estimate.memory_bytes - 1))
+    assert estimate.fits(dataclasses.replace(H200, memory_bytes=0))  # unknown device memory: not refused
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        estimate.seconds = 0.0  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        estimate.detail["compute_s"] = 0.0  # type: ignore[index]
 
 
 # Measured on one H200 (LLaMA-2-7B shape, 4 x 2048 tokens a step, gradient checkpointing, pure bf16): the anchors

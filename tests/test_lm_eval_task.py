@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from mft_bench.atomic import dumps_json, dumps_json_line
 from mft_bench.backbone import byte_tokenizer, tiny_model
 from mft_bench.errors import MftBenchError
 from mft_bench.evaluation import lm_eval_task
@@ -87,8 +88,13 @@ def task_dir(tmp_path):
 
 
 def _read(out_dir):
-    records = [json.loads(line) for line in (out_dir / "records.jsonl").read_text().splitlines()]
-    return records, json.loads((out_dir / "metrics.json").read_text())
+    lines = (out_dir / "records.jsonl").read_text(encoding="utf-8").splitlines()
+    records = [json.loads(line) for line in lines]
+    text = (out_dir / "metrics.json").read_text(encoding="utf-8")
+    metrics = json.loads(text)
+    # written in the project's one rendering (sorted keys), like the other benchmarks' files
+    assert text == dumps_json(metrics) and lines == [dumps_json_line(r) for r in records]
+    return records, metrics
 
 
 def test_multiple_choice_loglikelihood(model_and_tokenizer, task_dir, tmp_path) -> None:

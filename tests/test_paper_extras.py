@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mft_bench.report import paper_table
-from mft_bench.report.paper import load_paper_numbers
+from mft_bench.report import write_paper_table
+from mft_bench.report.paper_numbers import load_paper_numbers
 
 ARMS = ["baseline", "fft", "mft", "lora", "random_mask", "magnitude_mask"]
 
@@ -46,7 +46,7 @@ def tables(tmp_path):
     math = fake_report(tmp_path / "math", domain="math", key="llama2-7b",
                        values={"gsm8k": {a: 0.4 for a in ARMS}, "lm_eval:minerva_math": {"fft": 0.05, "mft": 0.06}})
     only_humaneval = fake_report(tmp_path / "he", domain="coding", key="llama2-7b", values={"humaneval": HUMANEVAL})
-    paper_table([coding, coding31, math, only_humaneval], tmp_path / "out")
+    write_paper_table([coding, coding31, math, only_humaneval], tmp_path / "out")
     return json.loads((tmp_path / "out" / "paper_table.json").read_text()), tmp_path / "out"
 
 

@@ -147,6 +147,7 @@ def _kill_when(proc: subprocess.Popen, run_dir: Path, pattern: str, timeout: flo
     pytest.fail(f"'{pattern}' never appeared")
 
 
+@pytest.mark.slow  # two recipe runs in fresh processes per case
 @pytest.mark.parametrize("kill_at", [
     "stages/fft-*/work/checkpoint-*",          # mid-training, after a resume checkpoint
     "stages/mft-*/work/checkpoint-*",          # mid-MFT
@@ -165,6 +166,7 @@ def test_sigkill_then_rerun_gives_identical_results(reference_run, tmp_path, kil
     assert report["rows"] == reference["rows"] and report["comparisons"] == reference["comparisons"]
 
 
+@pytest.mark.slow  # a whole run with one process per evaluation
 def test_evaluations_in_fresh_processes_write_the_same_records(reference_run, tmp_path):
     """Each evaluation in a process of its own on the arm's saved folder (how vLLM stages run; the pretrained tiny
     model is exported for it) gives the records of the in-process evaluation."""

@@ -1,4 +1,4 @@
-"""build_report / write_report / paper_table on a fake run folder (no model needed)."""
+"""build_report / write_report / write_paper_table on a fake run folder (no model needed)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from mft_bench.errors import MftBenchError
-from mft_bench.report import build_report, paper_table, write_report
-from mft_bench.report.collect import dumps_json
+from mft_bench.report import build_report, write_paper_table, write_report
+from mft_bench.atomic import dumps_json
 from mft_bench.report.plots import mask_stats_frame, overlap_value, plot_mask_frames
 
 ARMS = ["baseline", "fft", "mft", "lora", "random_mask", "magnitude_mask"]
@@ -210,7 +210,7 @@ def test_report_is_deterministic_and_written_in_all_formats(run_and_report, writ
 def test_paper_table_across_recipes(run_and_report, written, tmp_path):
     run_dir, report = run_and_report
     other = make_run(tmp_path / "other", checkpoints=False, paper_key=None)
-    written = paper_table([run_dir, other], tmp_path / "out")
+    written = write_paper_table([run_dir, other], tmp_path / "out")
     assert {p.suffix for p in written} == {".md", ".csv", ".tex", ".json"}
     rows = json.loads((tmp_path / "out" / "paper_table.json").read_text())["rows"]
     assert len(rows) == 14  # 7 arm columns x 2 runs
@@ -228,7 +228,7 @@ def test_paper_table_across_recipes(run_and_report, written, tmp_path):
 
 def test_paper_table_marks_read_off_numbers(tmp_path):
     run_dir = make_run(tmp_path / "run31", checkpoints=False, paper_key="llama3.1-8b")
-    paper_table([run_dir], tmp_path / "out")
+    write_paper_table([run_dir], tmp_path / "out")
     rows = json.loads((tmp_path / "out" / "paper_table.json").read_text())["rows"]
     baseline = next(r for r in rows if r["arm"] == "baseline")
     assert baseline["paper_value"] == 55.9 and baseline["paper_read_off"] is True
@@ -244,9 +244,10 @@ def test_paper_table_marks_read_off_numbers(tmp_path):
 
 
 def test_shipped_paper_files_load_with_their_sources():
-    from mft_bench.report.paper import load_paper_numbers, paper_dir
+    from mft_bench.report.paper_numbers import load_paper_numbers
+    from mft_bench.resources import paper_numbers_dir
 
-    shipped = sorted(p.stem for p in paper_dir().glob("*.json"))
+    shipped = sorted(p.stem for p in paper_numbers_dir().glob("*.json"))
     assert shipped == ["llama2-7b", "llama3.1-8b"]
     for key in shipped:
         data = load_paper_numbers(key)
@@ -279,9 +280,10 @@ def test_shipped_paper_files_load_with_their_sources():
     (lambda d: d["abstract"].update(mft_gain_vs_fft=None), r"abstract\.mft_gain_vs_fft must be a number"),
 ])
 def test_malformed_paper_file_is_a_one_line_error(tmp_path, change, message):
-    from mft_bench.report.paper import load_paper_numbers, paper_dir
+    from mft_bench.report.paper_numbers import load_paper_numbers
+    from mft_bench.resources import paper_numbers_dir
 
-    data = json.loads((paper_dir() / "llama2-7b.json").read_text())
+    data = json.loads((paper_numbers_dir() / "llama2-7b.json").read_text())
     change(data)
     (tmp_path / "bad.json").write_text(json.dumps(data))
     with pytest.raises(MftBenchError, match=message) as error:
@@ -407,9 +409,9 @@ def test_test_selected_rows_only_when_asked_labelled_and_beside_the_paper(tmp_pa
     write_report(report, run_dir)
     markdown = (run_dir / "report.md").read_text()
     assert "| mft (test-selected‡) |" in markdown and "## Test-selected checkpoints" in markdown
-    paper_table([run_dir], tmp_path / "out")
+    write_paper_table([run_dir], tmp_path / "out")
     table = json.loads((tmp_path / "out" / "paper_table.json").read_text())["rows"]
     assert {r["selection"] for r in table} == {"test-selected"}
     assert "ours (fake, tiny; test-selected‡)" in (tmp_path / "out" / "paper_table.md").read_text()
-    paper_table([make_run(tmp_path / "last", paper_key="llama2-7b")], tmp_path / "out2")
+    write_paper_table([make_run(tmp_path / "last", paper_key="llama2-7b")], tmp_path / "out2")
     assert "ours (fake, tiny; last checkpoint)" in (tmp_path / "out2" / "paper_table.md").read_text()

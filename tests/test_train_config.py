@@ -152,7 +152,7 @@ def test_gguf_quantizer_released_other_quantization_refused():
     from types import SimpleNamespace
 
     from mft_bench.backbone import tiny_model
-    from mft_bench.train.trainer import release_gguf_quantizer
+    from mft_bench.backbone import release_gguf_quantizer
 
     removed = []
     model = tiny_model("llama", num_layers=1)

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # two torchrun processes training FFT then MFT
+
 SCRIPT = Path(__file__).with_name("distributed_train_script.py")
 
 

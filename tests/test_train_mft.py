@@ -149,22 +149,31 @@ def test_probe_catches_hf_default_checkpointing(batch):
     assert "layer0" in fired
 
 
-def _one_adamw_step(batch, checkpointing: bool) -> dict[str, torch.Tensor]:
+def _one_adamw_step(batch, checkpointing: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The mask scores before and after one AdamW step."""
     model, _ = tiny_setup()
     attach_masks(model, MaskSpec(**SPEC))
     if checkpointing:
         enable_frozen_checkpointing(model)
     model.train()
-    scores = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(scores, lr=1e-2, weight_decay=0.0)
+
+    def scores() -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(".scores")}
+
+    before = scores()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
     _masked_loss(model, batch).backward()
     optimizer.step()
-    return {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(".scores")}
+    return before, scores()
 
 
 def test_checkpointing_gives_the_same_scores_update(batch):
-    plain, checkpointed = _one_adamw_step(batch, False), _one_adamw_step(batch, True)
+    (start, plain), (_, checkpointed) = _one_adamw_step(batch, False), _one_adamw_step(batch, True)
+    # every linear of the masked layers (2, 3) has scores: 7 projections each
+    assert sorted(plain) == sorted(checkpointed) and len(plain) == 2 * 7
+    assert {name.split(".layers.")[1].split(".")[0] for name in plain} == {"2", "3"}
     for name in plain:
+        assert not torch.equal(plain[name], start[name]), f"{name}: the step did not move the scores"
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=0, atol=1e-7)
 
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from mft_bench.data import converters, offline, synthetic_math
+from mft_bench.data.local_files import LOCAL_BUILDERS, check_local_file
 from mft_bench.errors import MftBenchError
 
 if TYPE_CHECKING:
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SYNTHETIC_NAMES = ("synthetic_math",)
-LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
 class SourceSpec(BaseModel):
@@ -79,8 +79,6 @@ def resolve(source: SourceSpec, data_dir: str | None = None) -> tuple[str, Path 
 
 def _read_local(source: SourceSpec, path: Path) -> datasets.Dataset:
     import datasets
-
-    from mft_bench.data.checks import check_local_file
 
     check_local_file(source, path)  # missing, empty, binary, not JSON: said plainly, not as datasets' error
     builder = LOCAL_BUILDERS[path.suffix.lower()]

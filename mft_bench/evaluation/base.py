@@ -42,6 +42,12 @@ class GenerationRequest:
     top_p: float = 1.0
 
 
+def truncate_at_stop(text: str, stop: tuple[str, ...] | list[str]) -> str:
+    """``text`` cut before the earliest occurrence of any stop string (unchanged when none occurs)."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
+    return text[:cut]
+
+
 @dataclass
 class Item:
     """One benchmark item: a stable id, the request, and whatever the scorer needs."""

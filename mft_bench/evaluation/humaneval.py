@@ -46,7 +46,7 @@ from typing import Any
 
 from mft_bench.errors import MftBenchError
 from mft_bench.evaluation import sandbox
-from mft_bench.evaluation.base import GenerationRequest, Item
+from mft_bench.evaluation.base import GenerationRequest, Item, truncate_at_stop
 from mft_bench.evaluation.common import mean_stderr, short_hash
 from mft_bench.evaluation.sandbox import SANDBOX_SETTINGS
 
@@ -90,12 +90,6 @@ def prompt_functions(prompt: str) -> list[str]:
     except SyntaxError:
         return []
     return [node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
-
-
-def truncate_at_stop(text: str, stop: tuple[str, ...]) -> str:
-    """``text`` up to the earliest stop sequence (the sequence itself dropped)."""
-    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
-    return text[:cut]
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from mft_bench.data.offline import data_dir as offline_data_dir
-from mft_bench.atomic import write_text_atomic
+from mft_bench.atomic import write_json_atomic, write_jsonl_atomic
 from mft_bench.errors import MftBenchError
 from mft_bench.evaluation.ifeval import NLTK_FIX, suppress_nltk_download
 from mft_bench.recipe import SEED_MAX
@@ -230,8 +230,8 @@ def run_lm_eval_task(
     metrics = results_to_metrics(task, results, records, limit=limit, num_fewshot=num_fewshot)
     metrics["gen_kwargs"] = gen_kwargs
     metrics["seeds"] = used_seeds
-    write_text_atomic(out_dir / "records.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+    write_jsonl_atomic(out_dir / "records.jsonl", records)
+    write_json_atomic(out_dir / "metrics.json", metrics)  # last: its presence marks the folder finished
     return metrics
 
 

@@ -19,7 +19,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from mft_bench.atomic import write_text_atomic
+from mft_bench.atomic import dumps_json, dumps_json_line, write_jsonl_atomic, write_text_atomic
 from mft_bench.errors import MftBenchError
 from mft_bench.evaluation.base import Benchmark, Item
 from mft_bench.evaluation.options import validate_lm_eval_options
@@ -44,32 +43,6 @@ CHUNK_BATCHES = 4  # a backend without generate_stream gets this many batches of
 def prompt_hash(prompt: str) -> str:
     """sha256 of the prompt text, first 16 hex digits."""
     return hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:16]
-
-
-def _plain(value: Any) -> Any:
-    """JSON-safe copy: numpy scalars -> Python numbers, tuples -> lists, NaN/inf -> None (strict JSON)."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if hasattr(value, "item") and callable(value.item) and not isinstance(value, (str, bytes)):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def dumps_record(record: dict[str, Any]) -> str:
-    """One records.jsonl line (no newline): sorted keys, compact, UTF-8 kept readable."""
-    return json.dumps(_plain(record), sort_keys=True, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-
-
-def dumps_metrics(metrics: dict[str, Any]) -> str:
-    """metrics.json text: sorted keys, indented, trailing newline. Floats use Python's shortest repr."""
-    return json.dumps(_plain(metrics), sort_keys=True, ensure_ascii=False, indent=2, allow_nan=False) + "\n"
-
-
-write_atomic = write_text_atomic  # records and metrics go through the one atomic writer
 
 
 def load_records(path: Path, items: list[Item]) -> dict[str, dict[str, Any]]:
@@ -215,7 +188,7 @@ def evaluate(
     done = load_records(records_path, items)
     # Rewrite what is kept before appending: drops a torn last line that the next append would otherwise extend.
     if records_path.exists():
-        write_atomic(records_path, "".join(dumps_record(done[i]) + "\n" for i in ids if i in done))
+        write_jsonl_atomic(records_path, (done[i] for i in ids if i in done))
     missing = [it for it in items if it.id not in done]
     if done:
         logger.info("%s: resuming, %d of %d items already done", benchmark, len(done), len(items))
@@ -228,7 +201,7 @@ def evaluate(
         ) as bar:
             unsynced = 0
             for item, outputs in _generated(generator, missing, batch_size):
-                line = dumps_record(make_record(bench, item, outputs))
+                line = dumps_json_line(make_record(bench, item, outputs))
                 f.write(line + "\n")
                 f.flush()  # a killed process keeps every record written so far
                 done[item.id] = json.loads(line)  # the JSON round trip, exactly as a resumed run reads it
@@ -242,10 +215,10 @@ def evaluate(
             raise RuntimeError(f"backend '{backend}' returned no result for some requests")
 
     records = [done[i] for i in ids]
-    write_atomic(records_path, "".join(dumps_record(r) + "\n" for r in records))
+    write_jsonl_atomic(records_path, records)
     metrics = build_metrics(bench, records, backend=backend, limit=limit)
-    text = dumps_metrics(metrics)
-    write_atomic(metrics_path, text)  # last: its presence marks the folder finished
+    text = dumps_json(metrics)
+    write_text_atomic(metrics_path, text)  # last: its presence marks the folder finished
     return json.loads(text)
 
 
@@ -313,13 +286,8 @@ def _evaluate_lm_eval(
     extra = {key: options[key] for key in ("gen_kwargs", "bootstrap_iters", "seeds") if key in options}
     if data_dir is not None:
         extra["data_dir"] = data_dir
-    result = run_lm_eval_task(
+    run_lm_eval_task(  # writes records.jsonl and, last, metrics.json itself
         model, tokenizer, lm_eval_task(benchmark), out_dir, limit=limit, batch_size=batch_size,
         num_fewshot=shots, include_path=options.get("include_path"), **extra,
     )
-    metrics_path = out_dir / METRICS_FILE
-    if metrics_path.exists():  # the task module wrote it itself: never overwrite
-        return json.loads(metrics_path.read_text(encoding="utf-8"))
-    text = dumps_metrics(result)
-    write_atomic(metrics_path, text)
-    return json.loads(text)
+    return json.loads((out_dir / METRICS_FILE).read_text(encoding="utf-8"))  # as written, like the hf path

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from mft_bench.atomic import dumps_json, write_text_atomic
 from mft_bench.report import stats
 from mft_bench.report.collect import (
     SELECTION_SUFFIXES,
@@ -34,8 +35,6 @@ from mft_bench.report.collect import (
     VAL_SUFFIX,
     Evaluation,
     RunData,
-    atomic_write_text,
-    dumps_json,
     evaluations_at,
     last_test_evaluations,
     load_run,
@@ -43,7 +42,7 @@ from mft_bench.report.collect import (
     select_by_validation,
     split_arm,
 )
-from mft_bench.report.paper import load_paper_numbers
+from mft_bench.report.paper_numbers import load_paper_numbers
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +295,7 @@ def write_report(report: dict, run_dir: Path) -> list[Path]:
     from mft_bench.report.tables import write_tables
 
     run_dir = Path(run_dir)
-    written = [atomic_write_text(run_dir / "report.json", dumps_json(report))]
+    written = [write_text_atomic(run_dir / "report.json", dumps_json(report))]
     written += write_tables(report, run_dir, stem="report")
     run = load_run(run_dir) if (run_dir / "run.json").is_file() else None
     written += _plots_unless_unchanged(report, run, run_dir)
@@ -324,5 +323,5 @@ def _plots_unless_unchanged(report: dict, run: RunData | None, run_dir: Path) ->
         if previous.get("key") == key and all(f.is_file() for f in files):
             return files
     written = plots.write_plots(report, run, out_dir)
-    atomic_write_text(stamp, dumps_json({"key": key, "files": sorted(p.name for p in written)}))
+    write_text_atomic(stamp, dumps_json({"key": key, "files": sorted(p.name for p in written)}))
     return written

@@ -27,7 +27,7 @@ from typing import Any
 
 from mft_bench import __version__
 from mft_bench.errors import MftBenchError
-from mft_bench.report.collect import atomic_write_text, dumps_json
+from mft_bench.atomic import dumps_json, write_text_atomic
 from mft_bench.report.stats import z_value
 
 EPSILON = 1e-9
@@ -148,4 +148,4 @@ def reference_from_report(report: dict, *, tolerance: float | None = None) -> di
 
 def write_reference(report: dict, path: Path, *, tolerance: float | None = None) -> Path:
     """Write the report's metrics as the new reference (on purpose: ``mft-bench check --update``)."""
-    return atomic_write_text(Path(path), dumps_json(reference_from_report(report, tolerance=tolerance)))
+    return write_text_atomic(Path(path), dumps_json(reference_from_report(report, tolerance=tolerance)))

@@ -1,4 +1,4 @@
-"""Run-folder I/O for the report: read ``run.json`` and what it points at; write files atomically.
+"""Run-folder reading for the report: ``run.json`` and what it points at; checkpoint selection.
 
 ``RUN_DIR/run.json`` (written by the pipeline) lists every evaluation (arm, checkpoint, step, split,
 benchmark, metrics.json, records.jsonl), the training logs and the mask files; paths are relative to
@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mft_bench.atomic import write_bytes_atomic, write_text_atomic
 from mft_bench.errors import MftBenchError
 
 log = logging.getLogger(__name__)
@@ -327,12 +326,3 @@ def read_log_history(path: Path) -> list[dict[str, Any]]:
         raise MftBenchError(f"{path} must hold a list of Trainer log entries")
     return [entry for entry in data if isinstance(entry, dict)]
 
-
-# the report modules write through the project's one atomic writer
-atomic_write_bytes = write_bytes_atomic
-atomic_write_text = write_text_atomic
-
-
-def dumps_json(data: Any) -> str:
-    """The one JSON rendering of report files: sorted keys, 2-space indent, trailing newline (byte-stable)."""
-    return json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n"

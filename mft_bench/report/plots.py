@@ -21,8 +21,9 @@ from typing import Any
 import pandas as pd
 from matplotlib.figure import Figure
 
-from mft_bench.report.collect import LAST, RunData, atomic_write_bytes, read_log_history
-from mft_bench.report.paper import paper_value
+from mft_bench.atomic import write_bytes_atomic
+from mft_bench.report.collect import LAST, RunData, read_log_history
+from mft_bench.report.paper_numbers import paper_value
 from mft_bench.report.tables import display_arm
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ def save_figure(figure: Figure, out_dir: Path, stem: str) -> list[Path]:
         buffer = io.BytesIO()
         with matplotlib.rc_context({"svg.hashsalt": "mft-bench"}):  # stable SVG element ids
             figure.savefig(buffer, format=fmt, dpi=100, metadata=metadata)
-        written.append(atomic_write_bytes(Path(out_dir) / f"{stem}.{fmt}", buffer.getvalue()))
+        written.append(write_bytes_atomic(Path(out_dir) / f"{stem}.{fmt}", buffer.getvalue()))
     return written
 
 

@@ -2,8 +2,8 @@
 with its interval, and MFT's paired differences from FFT and from the random mask, all read from the variants'
 own ``report.json`` (so a cell here equals the one in that variant's report).
 
-The headline is what the paper table shows (``paper._headline``: the domain's benchmark, else the first), its
-primary metric, in percent; differences in points. ``selection`` picks the checkpoint family of the rows
+The headline is what the paper table shows (``paper_numbers.headline_benchmark``: the domain's benchmark, else
+the first), its primary metric, in percent; differences in points. ``selection`` picks the checkpoint family of the rows
 (``last``, ``val``, ``test-selected``: the report's ``mft``, ``mft@val``, ``mft@test``); the random mask has one
 checkpoint, so MFT vs random mask exists for ``last`` only.
 """
@@ -18,8 +18,9 @@ from typing import Any
 import pandas as pd
 
 from mft_bench.errors import MftBenchError
-from mft_bench.report.collect import SELECTION_SUFFIXES, atomic_write_text, dumps_json, split_arm
-from mft_bench.report.paper import _headline
+from mft_bench.atomic import dumps_json, write_text_atomic
+from mft_bench.report.collect import SELECTION_SUFFIXES, split_arm
+from mft_bench.report.paper_numbers import headline_benchmark
 from mft_bench.report.stats import stratified_mcnemar, wilson_interval
 
 STEM = "sweep"
@@ -56,7 +57,7 @@ def sweep_rows(entries: list[dict[str, Any]], selection: str = "last") -> tuple[
         raise MftBenchError("sweep table: no variants")
     suffix = SELECTION_SUFFIXES[selection]
     reports = [_load_report(entry["run_dir"]) for entry in entries]
-    headline = _headline(reports[0])
+    headline = headline_benchmark(reports[0])
     if headline is None:
         raise MftBenchError(f"{entries[0]['run_dir']}: the report has no benchmark rows")
     benchmark, metric = headline
@@ -95,7 +96,7 @@ def seed_pooled(entries: list[dict[str, Any]], base_values: dict[str, Any], sele
         return None
     seeds = [base_values[SEED_AXIS] if entry["axis"] is None else entry["value"] for entry in seeded]
     reports = [_load_report(entry["run_dir"]) for entry in seeded]
-    benchmark, metric = _headline(reports[0])
+    benchmark, metric = headline_benchmark(reports[0])
     arms = []
     for row in reports[0].get("rows") or []:
         cells = [_row(report, row["arm"], benchmark, metric) for report in reports]
@@ -258,8 +259,8 @@ def write_sweep_table(entries: list[dict[str, Any]], out_dir: Path, *, sweep: st
     markdown = render_markdown(rows, headline, sweep=sweep, base_recipe=base_recipe, base_values=base_values,
                                selection=selection)
     return [
-        atomic_write_text(out_dir / f"{STEM}.md", markdown + (render_seed_pooled(pooled) if pooled else "")),
-        atomic_write_text(out_dir / f"{STEM}.csv", frame.to_csv(index=False, float_format="%.6g")),
-        atomic_write_text(out_dir / f"{STEM}.tex", render_latex(rows, headline, sweep=sweep)),
-        atomic_write_text(out_dir / f"{STEM}.json", dumps_json(document)),
+        write_text_atomic(out_dir / f"{STEM}.md", markdown + (render_seed_pooled(pooled) if pooled else "")),
+        write_text_atomic(out_dir / f"{STEM}.csv", frame.to_csv(index=False, float_format="%.6g")),
+        write_text_atomic(out_dir / f"{STEM}.tex", render_latex(rows, headline, sweep=sweep)),
+        write_text_atomic(out_dir / f"{STEM}.json", dumps_json(document)),
     ]

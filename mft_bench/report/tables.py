@@ -14,8 +14,9 @@ from typing import Any
 
 import pandas as pd
 
-from mft_bench.report.collect import SELECTION_SUFFIXES, atomic_write_text, split_arm
-from mft_bench.report.paper import READ_OFF_MARK, paper_read_off, paper_value
+from mft_bench.atomic import write_text_atomic
+from mft_bench.report.collect import SELECTION_SUFFIXES, split_arm
+from mft_bench.report.paper_numbers import READ_OFF_MARK, paper_read_off, paper_value
 
 MARK = "†"
 _LATEX_SPECIAL = {
@@ -302,7 +303,7 @@ def write_tables(report: dict[str, Any], out_dir: Path, *, stem: str = "report")
     """``<stem>.md``, ``<stem>.csv``, ``<stem>.tex`` in ``out_dir`` (atomic writes)."""
     out_dir = Path(out_dir)
     return [
-        atomic_write_text(out_dir / f"{stem}.md", render_markdown(report)),
-        atomic_write_text(out_dir / f"{stem}.csv", tidy_frame(report).to_csv(index=False, float_format="%.6g")),
-        atomic_write_text(out_dir / f"{stem}.tex", render_latex(report)),
+        write_text_atomic(out_dir / f"{stem}.md", render_markdown(report)),
+        write_text_atomic(out_dir / f"{stem}.csv", tidy_frame(report).to_csv(index=False, float_format="%.6g")),
+        write_text_atomic(out_dir / f"{stem}.tex", render_latex(report)),
     ]

@@ -8,9 +8,10 @@ from pathlib import Path
 
 from transformers import Trainer, TrainerCallback
 
+from mft_bench.backbone import release_gguf_quantizer
 from mft_bench.train.config import TrainConfig, TrainResult
 from mft_bench.train.precision import cast_floating, dtype_of, keep_trainable_in_fp32
-from mft_bench.train.trainer import collect_exports, release, release_gguf_quantizer, run_arm, training_arguments
+from mft_bench.train.trainer import collect_exports, release, run_arm, training_arguments
 
 logger = logging.getLogger(__name__)
 

@@ -10,14 +10,14 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
-from mft_bench.masking.architectures import LLAMA_PROJECTIONS
+from mft_bench.backbone import release_gguf_quantizer
 from mft_bench.errors import MftBenchError
+from mft_bench.masking.architectures import LLAMA_PROJECTIONS
 from mft_bench.train.config import LoraSettings, TrainConfig, TrainResult
 from mft_bench.train.precision import dtype_of
 from mft_bench.train.trainer import (
     collect_exports,
     release,
-    release_gguf_quantizer,
     run_arm,
     training_arguments,
 )

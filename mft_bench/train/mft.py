@@ -14,6 +14,7 @@ from pathlib import Path
 
 from transformers import Trainer, TrainerCallback
 
+from mft_bench.backbone import release_gguf_quantizer
 from mft_bench.errors import MftBenchError
 from mft_bench.train.callbacks import MaskRefreshCallback
 from mft_bench.train.config import TrainConfig, TrainResult
@@ -21,7 +22,6 @@ from mft_bench.train.trainer import (
     ArmTrainer,
     collect_exports,
     release,
-    release_gguf_quantizer,
     run_arm,
     training_arguments,
 )

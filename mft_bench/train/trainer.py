@@ -152,27 +152,6 @@ def labelled_logits_only(inputs: dict) -> dict:
     return {**inputs, "logits_to_keep": keep, "shift_labels": shifted[keep]}
 
 
-def release_gguf_quantizer(model, arm: str, *, allow_quantized: bool = False) -> None:
-    """Make a GGUF-loaded backbone trainable and saveable.
-
-    transformers dequantizes GGUF weights to float on load but keeps a GGUF "quantizer" on the model, and with it
-    Trainer refuses full fine-tuning and ``save_pretrained`` refuses to write. The weights are already dense, so
-    the quantizer is dropped. Other quantization methods really are quantized: only LoRA may train on them.
-    """
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is None:
-        return
-    method = str(getattr(quantizer.quantization_config, "quant_method", "unknown")).lower()
-    if method.endswith("gguf"):
-        logger.info("dropping the GGUF quantizer of a dequantized backbone so that it can train and be saved")
-        quantizer.remove_quantization_config(model)
-    elif not allow_quantized:
-        raise MftBenchError(
-            f"the {arm} arm needs full-precision weights, but the backbone is quantized ({method}); load it in "
-            "float32/bfloat16"
-        )
-
-
 def updates_per_epoch(num_examples: int, per_device_batch_size: int, grad_accum: int, world_size: int) -> int:
     """Optimizer steps per epoch, as Trainer counts them (accelerate gives every rank ceil(batches / world))."""
     batches = math.ceil(num_examples / per_device_batch_size)

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from mft_bench.errors import MftBenchError
-from mft_bench.evaluation.base import GenerationRequest
+from mft_bench.evaluation.base import GenerationRequest, truncate_at_stop
 
 BACKEND_NAMES = ("hf", "vllm")
 
@@ -27,17 +27,6 @@ class Backend(Protocol):
     def generate(self, requests: list[GenerationRequest]) -> list[list[str]]:
         """``n`` completions per request, in request order, stop strings applied, prompt excluded."""
         ...
-
-
-def truncate_at_stop(text: str, stop: tuple[str, ...] | list[str]) -> str:
-    """``text`` cut before the earliest occurrence of any stop string (unchanged when none occurs)."""
-    cut = len(text)
-    for s in stop:
-        if s:
-            pos = text.find(s)
-            if pos != -1:
-                cut = min(cut, pos)
-    return text[:cut]
 
 
 def make_backend(

@@ -32,9 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from mft_bench.errors import MftBenchError
-from mft_bench.evaluation.backends import truncate_at_stop
 from mft_bench.evaluation.backends.token_ids import eos_token_ids, prompt_token_ids
-from mft_bench.evaluation.base import GenerationRequest
+from mft_bench.evaluation.base import GenerationRequest, truncate_at_stop
 
 logger = logging.getLogger(__name__)
 

@@ -1,135 +1,50 @@
-"""The paper's numbers (``results/paper/<key>.json``) and the paper-shaped table across recipes.
+"""The paper-shaped table across recipes, built from each run's report.
 
-Paper-shaped table: one block per run (domain x backbone x recipe) with our row and, where the run names
-a ``paper_key``, the paper's row beneath, labelled with the paper's checkpoint selection; columns are the arms
-(pretrained, FFT, LoRA, random mask, magnitude mask, L1 rows mask, MFT) on the domain's headline benchmark
-(primary metric), each with its delta vs FFT; a paper value read off a plot rather than printed shows as ``≈``.
-
-A paper file (format: ``results/paper/README.md``) is validated when loaded; a malformed one is a
-``MftBenchError`` naming the field.
+One block per run (domain x backbone x recipe) with our row and, where the run names a ``paper_key``, the
+paper's row beneath, labelled with the paper's checkpoint selection; columns are the arms (pretrained, FFT, LoRA,
+random mask, magnitude mask, L1 rows mask, MFT) on the domain's headline benchmark (primary metric), each with
+its delta vs FFT; a paper value read off a plot rather than printed shows as ``≈``. The paper's numbers come
+from ``paper_numbers``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from mft_bench.atomic import dumps_json, write_text_atomic
 from mft_bench.errors import MftBenchError
-from mft_bench.report.collect import (
-    SELECTION_SUFFIXES,
-    atomic_write_text,
-    comparable_selection,
-    dumps_json,
-    read_json,
+from mft_bench.report.build import build_report
+from mft_bench.report.collect import SELECTION_SUFFIXES, comparable_selection
+from mft_bench.report.paper_extras import extra_rows, render_extras_latex, render_extras_markdown
+from mft_bench.report.paper_numbers import (
+    PAPER_ARMS,
+    READ_OFF_MARK,
+    headline_benchmark,
+    load_paper_numbers,
+    paper_read_off,
+    paper_value,
 )
+from mft_bench.report.tables import latex_escape
 
 log = logging.getLogger(__name__)
 
-PAPER_ARMS = ("baseline", "fft", "lora", "random_mask", "magnitude_mask", "l1_mask", "mft")
 ARM_LABELS = {
     "baseline": "Pretrained", "fft": "FFT", "lora": "LoRA", "random_mask": "Random mask",
     "magnitude_mask": "Magnitude mask", "l1_mask": "L1 mask (rows)", "mft": "MFT",
 }
-DOMAIN_BENCHMARKS = {"math": "gsm8k", "coding": "humaneval", "instruction": "ifeval"}
-SELECTIONS = ("last", "val", "test-selected")  # how a number's checkpoint was chosen
-READ_OFF_MARK = "≈"
-
-
-def paper_dir() -> Path:
-    """``results/paper`` of the checkout this package lives in."""
-    return Path(__file__).resolve().parents[2] / "results" / "paper"
-
-
-def load_paper_numbers(key: str, directory: Path | None = None) -> dict[str, Any] | None:
-    """The paper file for ``key`` (e.g. ``llama2-7b``), or None when there is none."""
-    path = (directory or paper_dir()) / f"{key}.json"
-    if not path.is_file():
-        return None
-    data = read_json(path, "paper numbers")
-    validate_paper_numbers(data, str(path))
-    return data
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_values(values: Any, at: str) -> None:
-    if not isinstance(values, dict) or not values:
-        raise MftBenchError(f"{at} must map arms to numbers (percent)")
-    unknown = sorted(set(values) - set(PAPER_ARMS))
-    if unknown:
-        raise MftBenchError(f"{at}: unknown arm(s) {', '.join(unknown)}; known: {', '.join(PAPER_ARMS)}")
-    for arm, value in values.items():
-        if not _is_number(value):
-            raise MftBenchError(f"{at}.{arm} must be a number (percent), got {value!r}")
-
-
-def validate_paper_numbers(data: Any, where: str) -> None:
-    """``MftBenchError`` naming the first malformed field of a paper file (format: results/paper/README.md)."""
-    if not isinstance(data, dict) or not isinstance(data.get("domains"), dict) or not data["domains"]:
-        raise MftBenchError(f"{where}: paper numbers need a non-empty 'domains' mapping")
-    if data.get("selection") is not None and data["selection"] not in SELECTIONS:
-        raise MftBenchError(f"{where}: selection must be one of {', '.join(SELECTIONS)}, got {data['selection']!r}")
-    notes = data.get("notes", [])
-    if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
-        raise MftBenchError(f"{where}: notes must be a list of strings")
-    for domain, entry in data["domains"].items():
-        at = f"{where}: domains.{domain}"
-        if not isinstance(entry, dict):
-            raise MftBenchError(f"{at} must be a mapping with 'benchmark' and 'values'")
-        _check_values(entry.get("values"), f"{at}.values")
-        read_off = entry.get("read_off", [])
-        if not isinstance(read_off, list) or not set(read_off) <= set(entry["values"]):
-            raise MftBenchError(f"{at}.read_off must list arms that have values, got {read_off!r}")
-        readme = entry.get("official_readme")
-        if readme is not None:
-            benchmarks = readme.get("benchmarks") if isinstance(readme, dict) else None
-            if not isinstance(benchmarks, dict) or not benchmarks:
-                raise MftBenchError(f"{at}.official_readme needs a 'benchmarks' mapping of benchmark -> arm values")
-            for name, values in benchmarks.items():
-                _check_values(values, f"{at}.official_readme.benchmarks.{name}")
-    abstract = data.get("abstract")
-    if abstract is not None and not (isinstance(abstract, dict) and _is_number(abstract.get("mft_gain_vs_fft"))):
-        raise MftBenchError(f"{where}: abstract.mft_gain_vs_fft must be a number (points)")
-
-
-def paper_read_off(paper_entry: dict[str, Any] | None, arm: str) -> bool:
-    """Whether the paper's number for ``arm`` was read off a plot (approximate) rather than printed."""
-    return bool(paper_entry) and arm.removesuffix("@val") in (paper_entry.get("read_off") or [])
-
-
-def paper_value(paper_entry: dict[str, Any] | None, arm: str) -> float | None:
-    """The paper's number (percent) for an arm in one domain entry; None when it was not reported."""
-    if not paper_entry:
-        return None
-    value = (paper_entry.get("values") or {}).get(arm.removesuffix("@val"))
-    return float(value) if value is not None else None
-
-
-def _headline(report: dict[str, Any]) -> tuple[str, str] | None:
-    benchmarks = report.get("benchmarks") or {}
-    entry = (report.get("paper") or {}).get("entry") or {}
-    wanted = entry.get("benchmark") or DOMAIN_BENCHMARKS.get(report.get("domain") or "")
-    if wanted in benchmarks:
-        return wanted, benchmarks[wanted]["primary_metric"]
-    if benchmarks:
-        first = next(iter(benchmarks))
-        return first, benchmarks[first]["primary_metric"]
-    return None
 
 
 def paper_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     """Tidy rows (one per arm) of one run's block of the paper-shaped table. Values in percent."""
-    headline = _headline(report)
-    if headline is None:
+    found = headline_benchmark(report)
+    if found is None:
         return []
-    benchmark, metric = headline
+    benchmark, metric = found
     entry = (report.get("paper") or {}).get("entry")
     selection = (report.get("paper") or {}).get("selection")
     our_selection = comparable_selection(report, benchmark, metric, selection)
@@ -182,8 +97,6 @@ def _load_report(run_dir: Path) -> dict[str, Any]:
     path = Path(run_dir) / "report.json"
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
-    from mft_bench.report.build import build_report
-
     return build_report(Path(run_dir))
 
 
@@ -237,8 +150,6 @@ def render_paper_markdown(frame: pd.DataFrame) -> str:
 
 
 def render_paper_latex(frame: pd.DataFrame) -> str:
-    from mft_bench.report.tables import latex_escape
-
     columns = "lll" + "r" * len(PAPER_ARMS)
     lines = [
         "% generated by mft-bench report; needs \\usepackage{booktabs}",
@@ -261,15 +172,13 @@ def render_paper_latex(frame: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def paper_table(run_dirs: list[Path], out_dir: Path) -> list[Path]:
+def write_paper_table(run_dirs: list[Path], out_dir: Path) -> list[Path]:
     """Across recipes: domains x arms with deltas vs FFT and the paper's numbers beside, then the domain averages
     and extra benchmarks of the official evaluation (``paper_extras``).
 
     Reads each run's ``report.json`` (built when absent). Writes ``paper_table.{md,csv,tex,json}`` (and
     ``paper_table_extras.csv`` when a run has extras).
     """
-    from mft_bench.report.paper_extras import extra_rows, render_extras_latex, render_extras_markdown
-
     if not run_dirs:
         raise MftBenchError("paper table: give at least one run folder")
     rows: list[dict[str, Any]] = []
@@ -287,14 +196,14 @@ def paper_table(run_dirs: list[Path], out_dir: Path) -> list[Path]:
     frame = pd.DataFrame(rows)
     out_dir = Path(out_dir)
     written = [
-        atomic_write_text(out_dir / "paper_table.md",
+        write_text_atomic(out_dir / "paper_table.md",
                           render_paper_markdown(frame) + render_extras_markdown(extras, PAPER_ARMS, ARM_LABELS)),
-        atomic_write_text(out_dir / "paper_table.csv", frame.to_csv(index=False, float_format="%.6g")),
-        atomic_write_text(out_dir / "paper_table.tex",
+        write_text_atomic(out_dir / "paper_table.csv", frame.to_csv(index=False, float_format="%.6g")),
+        write_text_atomic(out_dir / "paper_table.tex",
                           render_paper_latex(frame) + render_extras_latex(extras, PAPER_ARMS, ARM_LABELS)),
-        atomic_write_text(out_dir / "paper_table.json", dumps_json({"rows": rows, "extras": extras})),
+        write_text_atomic(out_dir / "paper_table.json", dumps_json({"rows": rows, "extras": extras})),
     ]
     if extras:
-        written.append(atomic_write_text(out_dir / "paper_table_extras.csv",
+        written.append(write_text_atomic(out_dir / "paper_table_extras.csv",
                                          pd.DataFrame(extras).to_csv(index=False, float_format="%.6g")))
     return written
