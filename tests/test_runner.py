@@ -19,6 +19,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest
 import torch
 
+from mft_bench.atomic import write_json_atomic
 from mft_bench.errors import MftBenchError
 from mft_bench.evaluation import registry, runner
 from mft_bench.evaluation.backends.hf import HFBackend
@@ -284,7 +285,9 @@ def test_lm_eval_benchmark_is_delegated(tmp_path, monkeypatch):
 
     def run_lm_eval_task(model, tokenizer, task, out_dir, *, limit, batch_size, num_fewshot, include_path, **extra):
         calls.append(dict(task=task, limit=limit, batch_size=batch_size, num_fewshot=num_fewshot, **extra))
-        return {"benchmark": f"lm_eval:{task}", "n": 3, "metrics": {"acc": {"mean": 0.5, "stderr": 0.1}}}
+        metrics = {"benchmark": f"lm_eval:{task}", "n": 3, "metrics": {"acc": {"mean": 0.5, "stderr": 0.1}}}
+        write_json_atomic(Path(out_dir) / "metrics.json", metrics)  # as the real one does, last
+        return metrics
 
     fake = types.ModuleType("mft_bench.evaluation.lm_eval_task")
     fake.run_lm_eval_task = run_lm_eval_task
