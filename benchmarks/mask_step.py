@@ -143,13 +143,13 @@ def run_arm(args) -> dict:
     import transformers  # noqa: F401 - imported before the baseline RSS is taken
 
     from mft_bench.masking import (
-        MaskSpec,
         attach_masks,
         current_masks,
         mask_parameters,
         refresh_masks,
         save_masks,
     )
+    from mft_bench.recipe import MaskSpec
     from mft_bench.masking.mask_io import base_weights_hash, bits_per_weight
 
     if args.checkpointing or args.precision == "mixed":

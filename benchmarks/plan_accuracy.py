@@ -133,7 +133,8 @@ def attach_masks_for_timing(model: torch.nn.Module, layers: list[int]) -> tuple[
     """Attach MFT masks to ``layers``; returns (undo, which implementation). Uses ``mft_bench.masking`` when
     its ``attach_masks``/``MaskSpec`` exist, else the straight-through parametrisation above."""
     try:
-        from mft_bench.masking import MaskSpec, attach_masks  # type: ignore[attr-defined]
+        from mft_bench.masking import attach_masks  # type: ignore[attr-defined]
+        from mft_bench.recipe import MaskSpec
     except ImportError:
         _fallback_attach(model, layers, 0.1)
         return (lambda: _remove_fallback(model)), "fallback (parametrize + straight-through top-k)"

@@ -157,21 +157,19 @@ def _load_split(data_stage: Stage, split: str):
 
 
 def train_config(recipe: Recipe, arm: str, world_size: int, device_bytes: int | None = None):
-    """The arm's ``TrainConfig`` on ``world_size`` processes: accumulation from the global batch (refused when it
-    cannot be made exactly), strategy resolved, compute dtype = the backbone's."""
-    from mft_bench.train import TrainConfig
+    """The ``RunContext`` the arm trains with beside its ``recipe.train_spec(arm)`` on ``world_size`` processes:
+    accumulation from the global batch (refused when it cannot be made exactly), strategy resolved, compute dtype
+    = the backbone's, the recipe's seed."""
+    from mft_bench.train import RunContext
     from mft_bench.train.strategy import SHARDABLE_ARMS, resolve_strategy
 
     spec = recipe.train_spec(arm)
-    fields = spec.model_dump()
-    for extra in ("r", "alpha", "dropout", "target_modules", "global_batch_size", "strategy"):
-        fields.pop(extra, None)
     needs_size = spec.strategy == "auto" and arm in SHARDABLE_ARMS and world_size > 1 and device_bytes
     strategy = resolve_strategy(arm, spec.strategy, world_size=world_size,
                                 replica_bytes=replica_bytes(recipe, arm, world_size) if needs_size else None,
                                 device_bytes=device_bytes)
-    return TrainConfig(**fields, gradient_accumulation_steps=spec.accumulation_steps(world_size), seed=recipe.seed,
-                       compute_dtype=recipe.backbone.dtype, strategy=strategy)
+    return RunContext(seed=recipe.seed, gradient_accumulation_steps=spec.accumulation_steps(world_size),
+                      compute_dtype=recipe.backbone.dtype, strategy=strategy)
 
 
 # the cost model is within ~25% of the measured H200 anchors: refuse only what exceeds the device by more than that
@@ -214,11 +212,8 @@ def replica_bytes(recipe: Recipe, arm: str, world_size: int = 1) -> int | None:
 
 
 def _mask_spec(recipe: Recipe):
-    from mft_bench.masking import MaskSpec
-
-    m = recipe.mask
-    return MaskSpec(layers=list(m.layers), modules=m.modules, mask_ratio=m.mask_ratio, init=m.init,
-                    seed=recipe.seed, mode=m.mode, threshold=m.threshold)
+    """The masks' settings: the recipe's own ``MaskSpec`` (the seed is passed beside it)."""
+    return recipe.mask
 
 
 def _fresh_tmp_dir(target: Path) -> Path:
@@ -268,7 +263,7 @@ def run_train_stage(recipe: Recipe, stage: Stage, stages: dict[str, Stage], mode
     """Train one arm on every process; the main process writes the stage's files and returns its outputs."""
     from transformers import set_seed
 
-    from mft_bench.train import LoraSettings, train_fft, train_lora, train_mft
+    from mft_bench.train import train_fft, train_lora, train_mft
     from mft_bench.train.trainer import export_steps
 
     set_seed(recipe.seed)  # the stage's result depends on its inputs only, not on what ran before in this process
@@ -277,25 +272,24 @@ def run_train_stage(recipe: Recipe, stage: Stage, stages: dict[str, Stage], mode
     tokenizer = models.tokenizer()
     work = stage.folder / "work"
     work.mkdir(parents=True, exist_ok=True)
+    spec = recipe.train_spec(stage.name)
     config = train_config(recipe, stage.name, procs.world_size, _device_bytes())
     outputs: dict[str, Any] = {"strategy": config.strategy, "processes": procs.world_size,
                                "gradient_accumulation_steps": config.gradient_accumulation_steps}
     if stage.name == "fft":
-        result = train_fft(copy.deepcopy(models.backbone()), tokenizer, train_ds, val_ds, config, work)
+        result = train_fft(copy.deepcopy(models.backbone()), tokenizer, train_ds, val_ds, spec, config, work)
     elif stage.name == "fft_continued":
         outputs["start"] = mask_start(recipe, stage, stages)
         model = copy.deepcopy(models.fft_model(stages["fft"], outputs["start"]["step"]))
-        result = train_fft(model, tokenizer, train_ds, val_ds, config, work)
+        result = train_fft(model, tokenizer, train_ds, val_ds, spec, config, work)
         del model
     elif stage.name == "mft":
         outputs["start"] = mask_start(recipe, stage, stages)
         model = copy.deepcopy(models.fft_model(stages["fft"], outputs["start"]["step"]))
-        result = train_mft(model, tokenizer, train_ds, val_ds, config, _mask_spec(recipe), work)
+        result = train_mft(model, tokenizer, train_ds, val_ds, spec, config, _mask_spec(recipe), work)
         del model
     elif stage.name == "lora":
-        lora = recipe.lora
-        settings = LoraSettings(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
-        result = train_lora(copy.deepcopy(models.backbone()), tokenizer, train_ds, val_ds, config, settings, work)
+        result = train_lora(copy.deepcopy(models.backbone()), tokenizer, train_ds, val_ds, spec, config, work)
     else:
         raise ValueError(f"not a training stage: {stage.name}")
     if procs.is_main:
@@ -310,7 +304,7 @@ def run_train_stage(recipe: Recipe, stage: Stage, stages: dict[str, Stage], mode
             _materialize(max(result.checkpoints)[1], stage.folder / "model")
         write_json_atomic(stage.folder / "log_history.json", result.log_history)
     outputs.update({"model": "model", "log_history": "log_history.json", "checkpoints": _checkpoint_names(result, stage),
-                    "export_steps": export_steps(config.export_count, max(step for step, _ in result.checkpoints)),
+                    "export_steps": export_steps(spec.export_count, max(step for step, _ in result.checkpoints)),
                     "validation_loss": {str(k): v for k, v in (result.validation_loss or {}).items()}})
     del result
     _release_memory()

@@ -43,6 +43,15 @@ SEED_MAX = 2**32 - 1  # numpy takes 32-bit seeds, and every stage seeds numpy (t
 MAX_EPOCHS = 1000
 MAX_STEPS = 100_000_000
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+LOSS_REDUCTIONS = ("token", "sequence")
+LOCAL, GLOBAL_ABS_EXACT, GLOBAL_SIGNED_THRESHOLD = "local", "global-abs-exact", "global-signed-threshold"
+MASK_MODES = (LOCAL, GLOBAL_ABS_EXACT, GLOBAL_SIGNED_THRESHOLD)
+# the one line for recipes written when "global" named the exact-count |score| mode alone
+AMBIGUOUS_GLOBAL = (
+    "'global' is ambiguous: say global-abs-exact (mft-bench's: round(mask_ratio x total) entries of smallest |score| "
+    "across the masked matrices, exact count) or global-signed-threshold (the official code's: every entry whose "
+    "signed score is below one threshold)"
+)
 
 
 class _Strict(BaseModel):
@@ -107,7 +116,7 @@ class TrainSpec(_Strict):
     save_every: float | None = Field(default=None, gt=0)  # fraction of an epoch between exports (paper: 1/3)
     resume_every_steps: int | None = Field(default=None, ge=1)  # optimizer steps between resume checkpoints
     group_by_length: bool = True
-    loss_reduction: Literal["token", "sequence"] = "token"
+    loss_reduction: Literal[LOSS_REDUCTIONS] = "token"
 
     @field_validator("max_steps")
     @classmethod
@@ -118,14 +127,17 @@ class TrainSpec(_Strict):
 
     @property
     def export_count(self) -> int:
-        from mft_bench.train.config import export_count
-
-        return export_count(self.epochs, self.save_every)
+        """Evaluable exports the arm writes: one every ``save_every`` epochs, evenly spaced, the last at the end
+        (the paper's 1/3 over 2 epochs: 6); 1 (the end) without ``save_every``. Known before training."""
+        return 1 if self.save_every is None else max(1, round(self.epochs / self.save_every))
 
     @model_validator(mode="after")
     def _batch_divides(self) -> "TrainSpec":
         if self.save_every is not None and self.max_steps > 0:
             raise ValueError("save_every is a fraction of the epochs trained; with max_steps leave it null")
+        if self.save_every is not None and self.save_every > max(self.epochs, 1.0):
+            raise ValueError(f"save_every is a fraction of an epoch (paper: 0.3333), got {self.save_every} for "
+                             f"{self.epochs:g} epoch(s); use at most the epochs trained, or null for the end only")
         if self.global_batch_size % self.per_device_batch_size:
             raise ValueError(
                 f"global_batch_size {self.global_batch_size} is not a multiple of per_device_batch_size "
@@ -146,25 +158,38 @@ class TrainSpec(_Strict):
 
 
 class LoraSpec(TrainSpec):
+    """The LoRA arm: training settings plus the adapters'; defaults are the paper's LoRA baseline (r 64, alpha 16,
+    dropout 0.1). ``target_modules`` null: the 7 projections when the model has them, else every linear layer."""
+
     r: int = Field(default=64, ge=1)
     alpha: int = Field(default=16, ge=1)
     dropout: float = Field(default=0.1, ge=0, lt=1)
     target_modules: list[str] | None = Field(default=None, min_length=1)
 
 
-class MaskRecipe(_Strict):
-    """Which weights the masks cover and how. ``start_from``: the FFT checkpoint MFT and the mask baselines start
-    from: ``last``, ``best-val`` (best on the validation split of the first benchmark that has one, else lowest
-    validation loss), ``best-test`` (best on the first benchmark's test split: the paper's protocol, optimistic)
-    or ``step-N``."""
+class MaskSpec(_Strict):
+    """Which linear modules the masks of MFT and of its baselines cover, and how (``mft_bench.masking``).
+
+    ``layers``: decoder layer indices (kept sorted). ``modules``: projection names, null for the architecture's
+    default projections (``masking/architectures.py``). ``mask_ratio`` is the REMOVED fraction (the official
+    config's ``sparsity 0.9`` means keep 90%, i.e. 0.1 here). ``mode``: ``local`` (the paper's) removes
+    ``round(mask_ratio * numel)`` entries of smallest |score| per matrix; ``global-abs-exact`` removes
+    ``round(mask_ratio * total)`` entries of smallest |score| across all masked matrices together (exact count,
+    mft-bench's); ``global-signed-threshold`` is the official code's global mode (``SupermaskLinearThreshold``):
+    an entry is removed while its SIGNED score is below ``threshold``, a constant for the whole run, so the removed
+    count follows the scores; ``threshold`` null there takes the official ``percentile`` helper of all initial
+    scores at ``mask_ratio`` (about that fraction removed at the start). The scores' random initialisation takes
+    the recipe's seed, passed beside the spec.
+
+    ``start_from``: the FFT checkpoint MFT and the mask baselines start from: ``last``, ``best-val`` (best on the
+    validation split of the first benchmark that has one, else lowest validation loss), ``best-test`` (best on the
+    first benchmark's test split: the paper's protocol, optimistic) or ``step-N``."""
 
     layers: list[int] = Field(min_length=1)
-    modules: list[str] | None = None
+    modules: list[str] | None = Field(default=None, min_length=1)
     mask_ratio: float = 0.1
     init: Literal["normal", "magnitude"] = "normal"
-    # local (paper) | global-abs-exact (mft-bench's exact count) | global-signed-threshold (the official code's):
-    # masking.spec.MaskSpec says what each removes; threshold: global-signed-threshold only (null: from mask_ratio)
-    mode: Literal["local", "global-abs-exact", "global-signed-threshold"] = "local"
+    mode: Literal[MASK_MODES] = LOCAL
     threshold: float | None = None
     start_from: str = Field(default="last", pattern=r"^(last|best-val|best-test|step-[1-9][0-9]*)$")
 
@@ -172,14 +197,12 @@ class MaskRecipe(_Strict):
     @classmethod
     def _mode_named_exactly(cls, value: Any) -> Any:
         if value == "global":
-            from mft_bench.masking.spec import AMBIGUOUS_GLOBAL
-
             raise ValueError(AMBIGUOUS_GLOBAL)
         return value
 
     @model_validator(mode="after")
-    def _threshold_with_its_mode(self) -> "MaskRecipe":
-        if self.threshold is not None and self.mode != "global-signed-threshold":
+    def _threshold_with_its_mode(self) -> "MaskSpec":
+        if self.threshold is not None and self.mode != GLOBAL_SIGNED_THRESHOLD:
             raise ValueError(f"threshold applies to mode global-signed-threshold only (mode is {self.mode}): remove "
                              "it, or set that mode")
         return self
@@ -261,7 +284,7 @@ class Recipe(_Strict):
                        "fft_continued"]] = Field(
         default_factory=lambda: list(ARMS), min_length=1
     )
-    mask: MaskRecipe
+    mask: MaskSpec
     fft: TrainSpec = Field(default_factory=TrainSpec)
     mft: TrainSpec = Field(default_factory=TrainSpec)
     lora: LoraSpec = Field(default_factory=LoraSpec)

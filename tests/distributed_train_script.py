@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_helpers import fast_config, losses, state_hash, tiny_dataset, tiny_setup, weights  # noqa: E402
+from train_helpers import fast_arm, losses, state_hash, tiny_dataset, tiny_setup, weights  # noqa: E402
 
-from mft_bench.masking import MaskSpec, attach_masks, current_masks, removed_count  # noqa: E402
+from mft_bench.masking import attach_masks, current_masks, removed_count  # noqa: E402
+from mft_bench.recipe import MaskSpec  # noqa: E402
 from mft_bench.train import train_fft, train_mft  # noqa: E402
 
 
@@ -26,12 +27,13 @@ def main(out: Path) -> None:
     model, tokenizer = tiny_setup()
     data, validation = tiny_dataset(32), tiny_dataset(8, seed=1)
     # 32 rows / (4 per batch x 2 ranks) = 4 batches per rank, 2 accumulation steps: 2 optimizer steps per epoch
-    fft = train_fft(model, tokenizer, data, validation, fast_config(epochs=1.0, save_every=0.5), out / "fft")
+    fft = train_fft(model, tokenizer, data, validation, *fast_arm(world_size=2, epochs=1.0, save_every=0.5),
+                    out / "fft")
     fft_hash = state_hash(weights(fft.model))
     initial, _ = tiny_setup()
     attach_masks(initial, MaskSpec(layers=[2, 3], mask_ratio=0.1))
     initial_masks = current_masks(initial)
-    mft = train_mft(fft.model, tokenizer, data, validation, fast_config(epochs=2.0, learning_rate=2e-2),
+    mft = train_mft(fft.model, tokenizer, data, validation, *fast_arm(world_size=2, epochs=2.0, learning_rate=2e-2),
                     MaskSpec(layers=[2, 3], mask_ratio=0.1), out / "mft")
     scores = {n: p for n, p in mft.model.named_parameters() if n.endswith(".scores")}
     report = {

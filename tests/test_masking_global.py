@@ -18,11 +18,11 @@ from torch import autograd, nn
 
 from mft_bench.backbone import tiny_model
 from mft_bench.errors import MftBenchError
-from mft_bench.masking import MaskSpec, attach_masks, baseline_masks, current_masks, removed_counts
+from mft_bench.masking import attach_masks, baseline_masks, current_masks, removed_counts
 from mft_bench.masking.masked_linear import wrappers
 from mft_bench.masking.selection import official_percentile, signed_threshold_for_ratio
 from mft_bench.plan import build_plan
-from mft_bench.recipe import load_recipe
+from mft_bench.recipe import MaskSpec, load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 64
@@ -208,7 +208,7 @@ def test_signed_threshold_count_follows_training_where_abs_exact_stays_exact():
 # ---------------------------------------------------------------- the old name is refused in one line
 
 def test_plain_global_is_refused_naming_both_modes(tmp_path):
-    with pytest.raises(MftBenchError) as info:
+    with pytest.raises(ValueError) as info:
         MaskSpec(layers=[1], mode="global")
     assert "global-abs-exact" in str(info.value) and "global-signed-threshold" in str(info.value)
     recipe = tmp_path / "r.yaml"
@@ -222,7 +222,7 @@ def test_plain_global_is_refused_naming_both_modes(tmp_path):
 
 
 def test_threshold_needs_its_mode():
-    with pytest.raises(MftBenchError, match="threshold applies to mode global-signed-threshold only"):
+    with pytest.raises(ValueError, match="threshold applies to mode global-signed-threshold only"):
         MaskSpec(layers=[1], mode="local", threshold=0.0)
     with pytest.raises(MftBenchError, match="threshold applies to mode global-signed-threshold only"):
         load_recipe(ROOT / "tasks" / "smoke.yaml", ["mask.threshold=0.0"])

@@ -15,7 +15,6 @@ from mft_bench.backbone import TINY_ARCHS, tiny_model
 from mft_bench.errors import MftBenchError
 from mft_bench.masking import (
     MaskedLinear,
-    MaskSpec,
     apply_masks,
     attach_masks,
     baseline_masks,
@@ -31,6 +30,7 @@ from mft_bench.masking import (
     save_masks,
 )
 from mft_bench.masking.baselines import l1_rows_removed
+from mft_bench.recipe import MaskSpec
 
 VOCAB = 64
 

@@ -8,7 +8,7 @@ import datasets
 import pytest
 
 from mft_bench.backbone import byte_tokenizer
-from mft_bench.pipeline import ModelCache, run_data_stage, train_config
+from mft_bench.pipeline import ModelCache, run_data_stage
 from mft_bench.plan import build_plan
 from mft_bench.recipe import load_recipe, validate_recipe
 
@@ -41,7 +41,7 @@ def test_data_stage_writes_the_official_rows_in_the_tulu_format(tmp_path):
         saved = datasets.load_from_disk(str(stage.folder / split))
         texts = [tok.decode(ids) for ids in saved["input_ids"]]
         assert texts == [f"<|user|>\n{m[0]['content']}\n<|assistant|>\n{m[1]['content']}<|endoftext|>" for m in rows]
-    assert train_config(recipe, "fft", world_size=1).loss_reduction == "sequence"
+    assert recipe.train_spec("fft").loss_reduction == "sequence"  # what train_fft reads
 
 
 def test_defaults_keep_todays_behaviour(tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from train_helpers import StepRecorder, SimulatedKill, fast_config, kill_after, losses, state_hash, tiny_dataset, tiny_setup, weights
+from train_helpers import StepRecorder, SimulatedKill, fast_arm, kill_after, losses, state_hash, tiny_dataset, tiny_setup, weights
 
 from mft_bench.train import train_fft
 
@@ -14,7 +14,7 @@ CONFIG = dict(save_every=2 / 3)
 
 def _run(out, callbacks=()):
     model, tokenizer = tiny_setup()
-    return train_fft(model, tokenizer, tiny_dataset(24), tiny_dataset(8, seed=1), fast_config(**CONFIG), out,
+    return train_fft(model, tokenizer, tiny_dataset(24), tiny_dataset(8, seed=1), *fast_arm(**CONFIG), out,
                      callbacks=callbacks)
 
 
@@ -76,9 +76,9 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path):
     model_a, tokenizer = tiny_setup()
     model_b, _ = tiny_setup()
     config = dict(max_steps=2, group_by_length=False)
-    plain = train_fft(model_a, tokenizer, tiny_dataset(16), None, fast_config(**config), tmp_path / "plain")
+    plain = train_fft(model_a, tokenizer, tiny_dataset(16), None, *fast_arm(**config), tmp_path / "plain")
     checkpointed = train_fft(model_b, tokenizer, tiny_dataset(16), None,
-                             fast_config(gradient_checkpointing=True, **config), tmp_path / "gc")
+                             *fast_arm(gradient_checkpointing=True, **config), tmp_path / "gc")
     assert checkpointed.model.is_activation_checkpointing
     after_plain, after_gc = weights(plain.model), weights(checkpointed.model)
     for name, value in after_plain.items():

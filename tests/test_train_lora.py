@@ -7,7 +7,7 @@ import torch
 from train_helpers import (
     SimulatedKill,
     StepRecorder,
-    fast_config,
+    fast_arm,
     kill_after,
     losses,
     state_hash,
@@ -16,14 +16,15 @@ from train_helpers import (
     weights,
 )
 
-from mft_bench.train import LoraSettings, train_lora
+from mft_bench.recipe import LoraSpec
+from mft_bench.train import train_lora
 from mft_bench.train.lora import lora_config
 
 
 def _run(out, callbacks=()):
     model, tokenizer = tiny_setup()
-    return train_lora(model, tokenizer, tiny_dataset(24), tiny_dataset(8, seed=1), fast_config(save_every=2 / 3),
-                      LoraSettings(), out, callbacks=callbacks)
+    return train_lora(model, tokenizer, tiny_dataset(24), tiny_dataset(8, seed=1),
+                      *fast_arm(LoraSpec, save_every=2 / 3), out, callbacks=callbacks)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def runs(tmp_path_factory):
 
 def test_paper_setting_on_the_seven_projections():
     model, _ = tiny_setup()
-    config = lora_config(model, LoraSettings())
+    config = lora_config(model, LoraSpec())
     assert (config.r, config.lora_alpha, config.lora_dropout) == (64, 16, 0.1)
     assert set(config.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 

@@ -18,9 +18,9 @@ from datasets import Dataset
 from transformers import DataCollatorForSeq2Seq, TrainerCallback
 
 from mft_bench.errors import MftBenchError
-from mft_bench.train import TrainConfig
+from mft_bench.recipe import load_recipe
 from mft_bench.train.trainer import ArmTrainer, training_arguments
-from train_helpers import tiny_setup
+from train_helpers import fast_arm, tiny_setup
 
 IGNORE = -100
 
@@ -50,12 +50,11 @@ class GradientsBeforeStep(TrainerCallback):
 
 def trainer_gradients(model, tokenizer, data, tmp_path, *, reduction: str, per_device: int, labelled_logits: bool,
                       world_size: int = 1):
-    accumulation = len(data) // (per_device * world_size)
-    config = TrainConfig(max_steps=1, learning_rate=1e-3, warmup_ratio=0.0, per_device_batch_size=per_device,
-                         gradient_accumulation_steps=accumulation, max_grad_norm=0.0, loss_reduction=reduction)
+    spec, run = fast_arm(world_size=world_size, max_steps=1, learning_rate=1e-3, per_device_batch_size=per_device,
+                         global_batch_size=len(data), max_grad_norm=0.0, loss_reduction=reduction)
     capture = GradientsBeforeStep()
     trainer = ArmTrainer(
-        model=model, args=training_arguments(config, tmp_path, has_eval=False), train_dataset=data,
+        model=model, args=training_arguments(spec, run, tmp_path, has_eval=False), train_dataset=data,
         processing_class=tokenizer, data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE),
         callbacks=[capture], loss_reduction=reduction,
     )
@@ -130,16 +129,17 @@ def test_train_fft_uses_the_configured_reduction(tmp_path):
     model, tokenizer = tiny_setup()
     data = rows_of_different_lengths()
     expected = manual_gradients(copy.deepcopy(model), data, reduction="sequence")
-    config = TrainConfig(max_steps=1, learning_rate=1e-3, warmup_ratio=0.0, per_device_batch_size=1,
-                         gradient_accumulation_steps=len(data), max_grad_norm=0.0, loss_reduction="sequence")
+    spec, run = fast_arm(max_steps=1, learning_rate=1e-3, per_device_batch_size=1, global_batch_size=len(data),
+                         max_grad_norm=0.0, loss_reduction="sequence")
     capture = GradientsBeforeStep()
-    train_fft(model, tokenizer, data, None, config, tmp_path, callbacks=[capture])
+    train_fft(model, tokenizer, data, None, spec, run, tmp_path, callbacks=[capture])
     assert_same(capture.grads, expected)
 
 
 def test_unknown_reduction_is_refused():
-    with pytest.raises(MftBenchError, match="train.loss_reduction must be one of token, sequence"):
-        TrainConfig(loss_reduction="mean")
+    smoke = Path(__file__).resolve().parents[1] / "tasks" / "smoke.yaml"
+    with pytest.raises(MftBenchError, match="fft.loss_reduction: Input should be 'token' or 'sequence'"):
+        load_recipe(smoke, ["fft.loss_reduction=mean"])
 
 
 @pytest.mark.slow  # two torchrun processes: about a minute on 2 cores

@@ -8,7 +8,7 @@ import torch
 from train_helpers import (
     SimulatedKill,
     StepRecorder,
-    fast_config,
+    fast_arm,
     kill_after,
     losses,
     state_hash,
@@ -17,17 +17,18 @@ from train_helpers import (
     weights,
 )
 
-from mft_bench.masking import MaskSpec, attach_masks, current_masks, load_masks, removed_count
+from mft_bench.masking import attach_masks, current_masks, load_masks, removed_count
+from mft_bench.recipe import MaskSpec
 from mft_bench.train import train_mft
 from mft_bench.train.mft import enable_frozen_checkpointing
 
-SPEC = dict(layers=[2, 3], mask_ratio=0.1, seed=0)
+SPEC = dict(layers=[2, 3], mask_ratio=0.1)
 
 
 def _run(out, callbacks=(), **overrides):
     model, tokenizer = tiny_setup()  # stands in for the FFT result
-    config = fast_config(save_every=2 / 3, weight_decay=0.1, **overrides)
-    return train_mft(model, tokenizer, tiny_dataset(24), tiny_dataset(8, seed=1), config, MaskSpec(**SPEC), out,
+    spec, run = fast_arm(save_every=2 / 3, weight_decay=0.1, **overrides)
+    return train_mft(model, tokenizer, tiny_dataset(24), tiny_dataset(8, seed=1), spec, run, MaskSpec(**SPEC), out,
                      callbacks=callbacks)
 
 
@@ -179,8 +180,8 @@ def test_checkpointing_gives_the_same_scores_update(batch):
 
 def test_trainer_path_with_checkpointing_trains_without_embedding_hook(tmp_path):
     model, tokenizer = tiny_setup()
-    config = fast_config(max_steps=2, gradient_checkpointing=True)
-    result = train_mft(model, tokenizer, tiny_dataset(16), None, config, MaskSpec(**SPEC), tmp_path)
+    spec, run = fast_arm(max_steps=2, gradient_checkpointing=True)
+    result = train_mft(model, tokenizer, tiny_dataset(16), None, spec, run, MaskSpec(**SPEC), tmp_path)
     assert result.model.is_activation_checkpointing
     assert not getattr(result.model, "_require_grads_hooks", [])
     assert [s for s, _ in result.checkpoints] == [2] and result.validation_loss == {}

@@ -12,9 +12,10 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from train_helpers import fast_config, losses, tiny_dataset, tiny_setup
+from train_helpers import fast_arm, losses, tiny_dataset, tiny_setup
 
-from mft_bench.train import LoraSettings, train_fft, train_lora
+from mft_bench.recipe import LoraSpec
+from mft_bench.train import train_fft, train_lora
 from mft_bench.train.lora import merged_dense
 
 PAPER_LR = 2e-5
@@ -32,9 +33,9 @@ def _train_three_steps(tmp_path, name: str, *, dtype: torch.dtype, compute: str,
     model.to(dtype)
     start = {n: p.detach().float().clone() for n, p in model.named_parameters()}
     keep = _KeepTrainedWeights()
-    config = fast_config(max_steps=3, learning_rate=PAPER_LR, gradient_accumulation_steps=1,
-                         compute_dtype=compute, precision=precision)
-    result = train_fft(model, tokenizer, tiny_dataset(12), None, config, tmp_path / name, callbacks=[keep])
+    spec, run = fast_arm(max_steps=3, learning_rate=PAPER_LR, global_batch_size=4, compute_dtype=compute,
+                         precision=precision)
+    result = train_fft(model, tokenizer, tiny_dataset(12), None, spec, run, tmp_path / name, callbacks=[keep])
     changed = {n: keep.weights[n] != start[n] for n in start}
     return changed, losses(result.log_history), keep.weights, result
 
@@ -90,14 +91,15 @@ def test_lora_merge_runs_in_fp32_then_casts_once(tmp_path):
     """Merging into bf16 weights would round W + delta through a bf16 delta; the merge is done in fp32."""
     model, tokenizer = tiny_setup()
     model.to(torch.bfloat16)
-    config = fast_config(max_steps=2, learning_rate=1e-3, gradient_accumulation_steps=1, compute_dtype="bfloat16")
+    spec, run = fast_arm(LoraSpec, max_steps=2, learning_rate=1e-3, global_batch_size=4, compute_dtype="bfloat16",
+                         r=4, alpha=8)
     captured = {}
 
     class _KeepPeftModel(TrainerCallback):
         def on_train_end(self, args, state, control, model=None, **kwargs):
             captured["peft"] = copy.deepcopy(model)
 
-    result = train_lora(model, tokenizer, tiny_dataset(8), None, config, LoraSettings(r=4, alpha=8), tmp_path,
+    result = train_lora(model, tokenizer, tiny_dataset(8), None, spec, run, tmp_path,
                         callbacks=[_KeepPeftModel()])
     peft_model = captured["peft"]
     adapter = next(p for n, p in peft_model.named_parameters() if "lora_A" in n)

@@ -28,8 +28,10 @@ def test_fft_then_mft_on_smollm2(tmp_path):
     from mft_bench.backbone import load_backbone
     from mft_bench.data import tokenize_conversations
     from mft_bench.data.converters import to_messages
-    from mft_bench.masking import MaskSpec, removed_count
-    from mft_bench.train import TrainConfig, train_fft, train_mft
+    from mft_bench.masking import removed_count
+    from mft_bench.recipe import MaskSpec
+    from mft_bench.train import train_fft, train_mft
+    from train_helpers import fast_arm
 
     rows = [json.loads(line) for line in GSM8K.read_text().splitlines()[:20]]
     model, tokenizer = load_backbone("smollm2-135m")
@@ -38,10 +40,9 @@ def test_fft_then_mft_on_smollm2(tmp_path):
     validation = tokenize_conversations(conversations[16:], tokenizer, max_length=256)
     frozen_before = {k: v.clone() for k, v in model.state_dict().items() if "layers.3." in k}
 
-    config = dict(max_steps=3, per_device_batch_size=4, gradient_accumulation_steps=1, warmup_ratio=0.0,
-                  save_every=None, seed=0)
+    config = dict(max_steps=3, per_device_batch_size=4, global_batch_size=4, warmup_ratio=0.0)
     started = time.perf_counter()
-    fft = train_fft(model, tokenizer, train, validation, TrainConfig(learning_rate=2e-5, **config), tmp_path / "fft")
+    fft = train_fft(model, tokenizer, train, validation, *fast_arm(learning_rate=2e-5, **config), tmp_path / "fft")
     fft_seconds = time.perf_counter() - started
     fft_losses = [e["loss"] for e in fft.log_history if "loss" in e]
     assert len(fft_losses) == 3 and all(math.isfinite(v) for v in fft_losses)
@@ -52,7 +53,7 @@ def test_fft_then_mft_on_smollm2(tmp_path):
 
     spec = MaskSpec(layers=[4, 5, 6, 7], mask_ratio=0.1)  # the paper's math band
     started = time.perf_counter()
-    mft = train_mft(fft.model, tokenizer, train, validation, TrainConfig(learning_rate=1e-3, **config), spec,
+    mft = train_mft(fft.model, tokenizer, train, validation, *fast_arm(learning_rate=1e-3, **config), spec,
                     tmp_path / "mft")
     mft_seconds = time.perf_counter() - started
     mft_losses = [e["loss"] for e in mft.log_history if "loss" in e]

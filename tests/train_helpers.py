@@ -1,4 +1,4 @@
-"""Shared pieces of the training-arm tests (and the distributed script): tiny model, tiny data, fast config."""
+"""Shared pieces of the training-arm tests (and the distributed script): tiny model, tiny data, fast settings."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from datasets import Dataset  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from mft_bench.backbone import byte_tokenizer, tiny_model  # noqa: E402
-from mft_bench.train import TrainConfig  # noqa: E402
+from mft_bench.recipe import TrainSpec  # noqa: E402
+from mft_bench.train import RunContext  # noqa: E402
 
 
 def tiny_setup(arch: str = "llama", num_layers: int = 4, seed: int = 0):
@@ -35,12 +36,19 @@ def tiny_dataset(n: int = 24, *, seed: int = 0, min_len: int = 6, max_len: int =
     return Dataset.from_dict(rows)
 
 
-def fast_config(**overrides) -> TrainConfig:
-    """A few quick optimizer steps with a learning rate large enough to move a tiny model (and its masks)."""
+def fast_arm(spec_class: type[TrainSpec] = TrainSpec, *, world_size: int = 1, seed: int = 0,
+             compute_dtype: str = "float32", strategy: str = "ddp", **overrides) -> tuple[TrainSpec, RunContext]:
+    """The settings of a few quick optimizer steps with a learning rate large enough to move a tiny model (and its
+    masks), as a recipe gives them (``spec_class``: ``TrainSpec``, or ``LoraSpec`` with the adapter settings in
+    ``overrides``), and the run's context on ``world_size`` processes as the pipeline derives it. The one place the
+    tests' training defaults live; pass both to an arm: ``train_fft(model, tokenizer, data, None, *fast_arm(), out)``.
+    """
     settings = dict(epochs=2.0, learning_rate=5e-3, warmup_ratio=0.0, per_device_batch_size=4,
-                    gradient_accumulation_steps=2, logging_steps=1, seed=0)
+                    global_batch_size=8 * world_size)
     settings.update(overrides)
-    return TrainConfig(**settings)
+    spec = spec_class(**settings)
+    return spec, RunContext(seed=seed, gradient_accumulation_steps=spec.accumulation_steps(world_size),
+                            compute_dtype=compute_dtype, strategy=strategy)
 
 
 def losses(log_history: list[dict]) -> list[tuple[int, float]]:

@@ -101,7 +101,7 @@ def maskable_module_names(model: nn.Module, layer: int) -> list[str]:
 
 
 def default_modules(model: nn.Module) -> list[str]:
-    """The architecture's default projections to mask (short names as accepted by ``MaskSpec.modules``)."""
+    """The architecture's default projections to mask (short names as accepted by ``recipe.MaskSpec.modules``)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type in ARCHITECTURES:
         return list(ARCHITECTURES[model_type].default_modules)

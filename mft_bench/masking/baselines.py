@@ -24,7 +24,7 @@ from torch import nn
 from mft_bench.errors import MftBenchError
 from mft_bench.masking.architectures import is_transposed, resolve_targets
 from mft_bench.masking.selection import keep_mask, module_generator, removed_count
-from mft_bench.masking.spec import MaskSpec
+from mft_bench.recipe import MaskSpec
 
 logger = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from mft_bench.masking.selection import (
     signed_threshold_for_ratio,
     signed_threshold_keep,
 )
-from mft_bench.masking.spec import GLOBAL_ABS_EXACT, GLOBAL_SIGNED_THRESHOLD, MaskSpec
+from mft_bench.recipe import GLOBAL_ABS_EXACT, GLOBAL_SIGNED_THRESHOLD, LOCAL, MaskSpec
 
 logger = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ class MaskedLinear(nn.Module):
     def mode(self) -> str:
         if self.threshold is not None:
             return GLOBAL_SIGNED_THRESHOLD
-        return GLOBAL_ABS_EXACT if self._group is not None else "local"
+        return GLOBAL_ABS_EXACT if self._group is not None else LOCAL
 
 
 def init_scores(weight: torch.Tensor, init: str, seed: int, name: str) -> torch.Tensor:
@@ -226,8 +226,9 @@ def wrappers(model: nn.Module) -> dict[str, MaskedLinear]:
     return {name: mod for name, mod in model.named_modules() if isinstance(mod, MaskedLinear)}
 
 
-def attach_masks(model: nn.Module, spec: MaskSpec) -> list[str]:
-    """Wrap the modules ``spec`` selects in place; freeze every parameter; only the scores train.
+def attach_masks(model: nn.Module, spec: MaskSpec, *, seed: int = 0) -> list[str]:
+    """Wrap the modules ``spec`` selects in place; freeze every parameter; only the scores train. ``seed`` (the
+    recipe's) draws the ``normal`` initial scores, one generator per module name.
 
     Returns the wrapped module names (``model.layers.2.self_attn.q_proj``).
     """
@@ -242,7 +243,7 @@ def attach_masks(model: nn.Module, spec: MaskSpec) -> list[str]:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         module = getattr(parent, attr)
-        scores = init_scores(module.weight, spec.init, spec.seed, name)
+        scores = init_scores(module.weight, spec.init, seed, name)
         wrapper = MaskedLinear(module, scores, name=name, mask_ratio=spec.mask_ratio)
         setattr(parent, attr, wrapper)
         attached.append(wrapper)

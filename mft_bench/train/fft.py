@@ -9,7 +9,8 @@ from pathlib import Path
 from transformers import Trainer, TrainerCallback
 
 from mft_bench.backbone import release_gguf_quantizer
-from mft_bench.train.config import TrainConfig, TrainResult
+from mft_bench.recipe import TrainSpec
+from mft_bench.train.context import RunContext, TrainResult
 from mft_bench.train.precision import cast_floating, dtype_of, keep_trainable_in_fp32
 from mft_bench.train.trainer import collect_exports, release, run_arm, training_arguments
 
@@ -41,28 +42,29 @@ def train_fft(
     tokenizer,
     train_dataset,
     eval_dataset,
-    config: TrainConfig,
+    spec: TrainSpec,
+    run: RunContext,
     output_dir: str | Path,
     *,
     callbacks: Sequence[TrainerCallback] = (),
 ) -> TrainResult:
     """Fully fine-tune ``model`` in place; exports under ``output_dir/exports/step-N``, resumable.
 
-    ``TrainResult.model`` is the trained model cast to ``config.compute_dtype`` (what the exports hold), or None when
+    ``TrainResult.model`` is the trained model cast to ``run.compute_dtype`` (what the exports hold), or None when
     it was sharded (FSDP): read the last export then.
     """
     output_dir = Path(output_dir)
     release_gguf_quantizer(model, "fft")
     for param in model.parameters():
         param.requires_grad_(True)  # a backbone may arrive frozen (e.g. from an eval stage)
-    if config.precision == "mixed":
+    if spec.precision == "mixed":
         cast = keep_trainable_in_fp32(model)
         if cast:
-            logger.info("mixed precision: %d weight tensors kept in fp32, compute in %s", cast, config.compute_dtype)
-    exporter = DenseExporter(output_dir, config.compute_dtype)
-    args = training_arguments(config, output_dir, has_eval=eval_dataset is not None, model=model)
+            logger.info("mixed precision: %d weight tensors kept in fp32, compute in %s", cast, run.compute_dtype)
+    exporter = DenseExporter(output_dir, run.compute_dtype)
+    args = training_arguments(spec, run, output_dir, has_eval=eval_dataset is not None, model=model)
     trainer = run_arm(
-        model=model, tokenizer=tokenizer, train_dataset=train_dataset, eval_dataset=eval_dataset, config=config,
+        model=model, tokenizer=tokenizer, train_dataset=train_dataset, eval_dataset=eval_dataset, spec=spec, run=run,
         output_dir=output_dir, exporter=exporter, args=args, callbacks=callbacks,
     )
     checkpoints, validation = collect_exports(trainer, exporter)
@@ -70,6 +72,6 @@ def train_fft(
     trained = None if trainer.is_fsdp_enabled else trainer.accelerator.unwrap_model(trainer.model)
     release(trainer)
     if trained is not None:
-        trained = trained.to(dtype_of(config.compute_dtype)).eval()
+        trained = trained.to(dtype_of(run.compute_dtype)).eval()
     return TrainResult(model=trained, log_history=log_history, checkpoints=checkpoints, masks=None,
                        validation_loss=validation)

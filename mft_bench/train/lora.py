@@ -13,7 +13,8 @@ from transformers import Trainer, TrainerCallback
 from mft_bench.backbone import release_gguf_quantizer
 from mft_bench.errors import MftBenchError
 from mft_bench.masking.architectures import LLAMA_PROJECTIONS
-from mft_bench.train.config import LoraSettings, TrainConfig, TrainResult
+from mft_bench.recipe import LoraSpec
+from mft_bench.train.context import RunContext, TrainResult
 from mft_bench.train.precision import dtype_of
 from mft_bench.train.trainer import (
     collect_exports,
@@ -48,14 +49,14 @@ def check_target_modules(model, names: Sequence[str]) -> None:
                                 f"layers are {', '.join(linear)}")
 
 
-def lora_config(model, settings: LoraSettings):
+def lora_config(model, spec: LoraSpec):
     from peft import LoraConfig, TaskType
 
     return LoraConfig(
-        r=settings.r,
-        lora_alpha=settings.alpha,
-        lora_dropout=settings.dropout,
-        target_modules=settings.target_modules or default_target_modules(model),
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=spec.target_modules or default_target_modules(model),
         bias="none",
         task_type=TaskType.CAUSAL_LM,
     )
@@ -93,33 +94,33 @@ def train_lora(
     tokenizer,
     train_dataset,
     eval_dataset,
-    config: TrainConfig,
-    lora: LoraSettings,
+    spec: LoraSpec,
+    run: RunContext,
     output_dir: str | Path,
     *,
     callbacks: Sequence[TrainerCallback] = (),
 ) -> TrainResult:
     """Train LoRA adapters on ``model`` (modified in place); return the merged dense model in
-    ``config.compute_dtype``. Mixed precision keeps the adapters in fp32 over a base in the model's dtype."""
+    ``run.compute_dtype``. Mixed precision keeps the adapters in fp32 over a base in the model's dtype."""
     from peft import get_peft_model
 
-    if config.strategy != "ddp":
+    if run.strategy != "ddp":
         raise MftBenchError("LoRA merges adapters into whole weights on every process: train it with strategy ddp")
     output_dir = Path(output_dir)
     release_gguf_quantizer(model, "lora", allow_quantized=True)
-    peft_model = get_peft_model(model, lora_config(model, lora), autocast_adapter_dtype=config.precision == "mixed")
+    peft_model = get_peft_model(model, lora_config(model, spec), autocast_adapter_dtype=spec.precision == "mixed")
     trainable, total = peft_model.get_nb_trainable_parameters()
     logger.info("LoRA: %d trainable of %d parameters (%.3f%%)", trainable, total, 100 * trainable / total)
-    exporter = MergedExporter(output_dir, tokenizer, config.compute_dtype)
-    args = training_arguments(config, output_dir, has_eval=eval_dataset is not None)
+    exporter = MergedExporter(output_dir, tokenizer, run.compute_dtype)
+    args = training_arguments(spec, run, output_dir, has_eval=eval_dataset is not None)
     trainer = run_arm(
         model=peft_model, tokenizer=tokenizer, train_dataset=train_dataset, eval_dataset=eval_dataset,
-        config=config, output_dir=output_dir, exporter=exporter, args=args, callbacks=callbacks,
+        spec=spec, run=run, output_dir=output_dir, exporter=exporter, args=args, callbacks=callbacks,
     )
     checkpoints, validation = collect_exports(trainer, exporter)
     log_history = list(trainer.state.log_history)
     trained = trainer.accelerator.unwrap_model(trainer.model)
     release(trainer)
-    merged = merged_dense(trained, dtype_of(config.compute_dtype), in_place=True)
+    merged = merged_dense(trained, dtype_of(run.compute_dtype), in_place=True)
     return TrainResult(model=merged.eval(), log_history=log_history, checkpoints=checkpoints,
                        masks=None, validation_loss=validation)

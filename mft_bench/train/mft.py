@@ -17,7 +17,8 @@ from transformers import Trainer, TrainerCallback
 from mft_bench.backbone import release_gguf_quantizer
 from mft_bench.errors import MftBenchError
 from mft_bench.train.callbacks import MaskRefreshCallback
-from mft_bench.train.config import TrainConfig, TrainResult
+from mft_bench.recipe import MaskSpec, TrainSpec
+from mft_bench.train.context import RunContext, TrainResult
 from mft_bench.train.trainer import (
     ArmTrainer,
     collect_exports,
@@ -89,38 +90,40 @@ def train_mft(
     tokenizer,
     train_dataset,
     eval_dataset,
-    config: TrainConfig,
-    mask_spec,
+    spec: TrainSpec,
+    run: RunContext,
+    mask_spec: MaskSpec,
     output_dir: str | Path,
     *,
     callbacks: Sequence[TrainerCallback] = (),
 ) -> TrainResult:
-    """Attach masks per ``mask_spec`` to the FFT ``model`` (in place) and train their scores; resumable.
+    """Attach masks per ``mask_spec`` to the FFT ``model`` (in place, scores initialised from ``run.seed``) and
+    train their scores; resumable.
 
     Exports the masks at each interval as ``output_dir/exports/masks-step-N.safetensors``. The scores are fp32
-    whatever ``config.precision`` (as in the official code); the frozen weights stay in the model's dtype and the
-    compute runs in ``config.compute_dtype``.
+    whatever ``spec.precision`` (as in the official code); the frozen weights stay in the model's dtype and the
+    compute runs in ``run.compute_dtype``.
     """
     from mft_bench.masking import attach_masks, current_masks
 
-    if config.strategy != "ddp":
+    if run.strategy != "ddp":
         raise MftBenchError("MFT reads whole weights on every process: train it with strategy ddp")
     output_dir = Path(output_dir)
     release_gguf_quantizer(model, "mft")
-    names = attach_masks(model, mask_spec)
+    names = attach_masks(model, mask_spec, seed=run.seed)
     n_scores = check_only_scores_train(model)
     logger.info("MFT: %d modules, %d scores train", len(names), n_scores)
-    if config.weight_decay:
-        logger.info("MFT ignores weight_decay=%g: scores train without weight decay (paper)", config.weight_decay)
-    if config.gradient_checkpointing:
+    if spec.weight_decay:
+        logger.info("MFT ignores weight_decay=%g: scores train without weight decay (paper)", spec.weight_decay)
+    if spec.gradient_checkpointing:
         enable_frozen_checkpointing(model)
     exporter = MaskExporter(output_dir)
     # checkpointing is already on the model: Trainer's own switch would re-add the embedding hook
-    args = training_arguments(config, output_dir, has_eval=eval_dataset is not None, weight_decay=0.0,
+    args = training_arguments(spec, run, output_dir, has_eval=eval_dataset is not None, weight_decay=0.0,
                               activation_checkpointing=False)
     trainer = run_arm(
-        model=model, tokenizer=tokenizer, train_dataset=train_dataset, eval_dataset=eval_dataset, config=config,
-        output_dir=output_dir, exporter=exporter, args=args, trainer_cls=MftTrainer,
+        model=model, tokenizer=tokenizer, train_dataset=train_dataset, eval_dataset=eval_dataset, spec=spec,
+        run=run, output_dir=output_dir, exporter=exporter, args=args, trainer_cls=MftTrainer,
         callbacks=[MaskRefreshCallback(), *callbacks],
     )
     checkpoints, validation = collect_exports(trainer, exporter)

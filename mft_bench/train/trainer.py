@@ -1,8 +1,9 @@
-"""Glue shared by the arms: TrainingArguments from a TrainConfig, step schedule, resume, Trainer run, results.
+"""Glue shared by the arms: TrainingArguments from a TrainSpec and RunContext, step schedule, resume, Trainer run,
+results.
 
 Everything distributed comes from ``transformers.Trainer`` and accelerate: under several processes (``mft-bench run
---nproc N``, torchrun, accelerate launch) an arm trains data-parallel, or sharded with FSDP2 where its
-``TrainConfig.strategy`` says so (``strategy.py``). Precision settings live in ``precision.py``.
+--nproc N``, torchrun, accelerate launch) an arm trains data-parallel, or sharded with FSDP2 where its resolved
+``RunContext.strategy`` says so (``strategy.py``). Precision settings live in ``precision.py``.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ from transformers import (
 from transformers.trainer_utils import has_length
 
 from mft_bench.errors import MftBenchError
+from mft_bench.recipe import LOSS_REDUCTIONS, TrainSpec
 from mft_bench.train.callbacks import ExportCallback, Exporter, SealCallback, checkpoint_problem
-from mft_bench.train.config import LOSS_REDUCTIONS, TrainConfig
+from mft_bench.train.context import RunContext
 from mft_bench.train.precision import autocast_arguments
 from mft_bench.train.sampling import EpochSeededLengthGroupedSampler, sequence_lengths
 from mft_bench.train.strategy import fsdp_arguments, fsdp_on_cpu
@@ -41,6 +43,7 @@ MODEL_COLUMNS = ("input_ids", "attention_mask", "labels")
 # that a kill while writing the newest still leaves a complete one.
 RESUME_CHECKPOINTS_KEPT = 2
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+LOGGING_STEPS = 1  # the loss of every optimizer step goes into log_history
 
 
 IGNORE_INDEX = -100
@@ -165,8 +168,8 @@ def export_steps(export_count: int, max_steps: int) -> list[int]:
     return [max(1, round(i * max_steps / export_count)) for i in range(1, export_count + 1)]
 
 
-def total_steps(config: TrainConfig, steps_per_epoch: int) -> int:
-    return config.max_steps if config.max_steps > 0 else math.ceil(config.epochs * steps_per_epoch)
+def total_steps(spec: TrainSpec, steps_per_epoch: int) -> int:
+    return spec.max_steps if spec.max_steps > 0 else math.ceil(spec.epochs * steps_per_epoch)
 
 
 def last_checkpoint(output_dir: Path) -> Path | None:
@@ -185,7 +188,8 @@ def last_checkpoint(output_dir: Path) -> Path | None:
 
 
 def training_arguments(
-    config: TrainConfig,
+    spec: TrainSpec,
+    run: RunContext,
     output_dir: Path,
     *,
     has_eval: bool,
@@ -196,37 +200,37 @@ def training_arguments(
     """TrainingArguments for one arm; save/eval steps are filled in by ``run_arm`` once the data size is known.
 
     ``model`` is needed for ``strategy="fsdp"`` (its decoder layer class is the unit of sharding)."""
-    checkpointing = config.gradient_checkpointing if activation_checkpointing is None else activation_checkpointing
+    checkpointing = spec.gradient_checkpointing if activation_checkpointing is None else activation_checkpointing
     sharding = {}
-    if config.strategy == "fsdp":
+    if run.strategy == "fsdp":
         sharding = fsdp_arguments(model, activation_checkpointing=checkpointing)
         checkpointing = False  # FSDP's own (fsdp_arguments)
     return TrainingArguments(
         output_dir=str(output_dir),
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps,
-        learning_rate=config.learning_rate,
-        lr_scheduler_type=config.lr_scheduler,
-        warmup_steps=config.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
-        weight_decay=config.weight_decay if weight_decay is None else weight_decay,
-        per_device_train_batch_size=config.per_device_batch_size,
-        per_device_eval_batch_size=config.per_device_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        max_grad_norm=config.max_grad_norm,
-        **autocast_arguments(config.compute_dtype),
+        num_train_epochs=spec.epochs,
+        max_steps=spec.max_steps,
+        learning_rate=spec.learning_rate,
+        lr_scheduler_type=spec.lr_scheduler,
+        warmup_steps=spec.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        weight_decay=spec.weight_decay if weight_decay is None else weight_decay,
+        per_device_train_batch_size=spec.per_device_batch_size,
+        per_device_eval_batch_size=spec.per_device_batch_size,
+        gradient_accumulation_steps=run.gradient_accumulation_steps,
+        max_grad_norm=spec.max_grad_norm,
+        **autocast_arguments(run.compute_dtype),
         # non-reentrant: reentrant checkpointing drops the gradient of a block whose inputs need none (frozen
         # lower layers), see DESIGN.md
         activation_checkpointing=checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
         logging_strategy="steps",
-        logging_steps=config.logging_steps,
+        logging_steps=LOGGING_STEPS,
         eval_strategy="steps" if has_eval else "no",
         prediction_loss_only=True,  # validation loss only: never gather vocabulary-sized logits
         save_strategy="steps",
         save_total_limit=RESUME_CHECKPOINTS_KEPT,
-        seed=config.seed,
-        data_seed=config.seed,
-        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
+        seed=run.seed,
+        data_seed=run.seed,
+        train_sampling_strategy="group_by_length" if spec.group_by_length else "random",
         remove_unused_columns=False,
         ddp_find_unused_parameters=False,  # every trainable tensor (weights, scores, adapters) is used each step
         dataloader_pin_memory=torch.cuda.is_available(),  # pinning without an accelerator only warns
@@ -261,7 +265,8 @@ def run_arm(
     tokenizer,
     train_dataset,
     eval_dataset,
-    config: TrainConfig,
+    spec: TrainSpec,
+    run: RunContext,
     output_dir: Path,
     exporter: Exporter,
     args: TrainingArguments,
@@ -272,28 +277,28 @@ def run_arm(
     output_dir.mkdir(parents=True, exist_ok=True)
     train_dataset = model_columns(train_dataset)
     eval_dataset = model_columns(eval_dataset) if eval_dataset is not None else None
-    if not has_length(train_dataset) and config.max_steps <= 0:
+    if not has_length(train_dataset) and spec.max_steps <= 0:
         raise MftBenchError("train.max_steps must be set when the training data has no length (streaming)")
     if has_length(train_dataset) and len(train_dataset) == 0:
         raise MftBenchError("the training data is empty")
 
     steps_per_epoch = (
-        updates_per_epoch(len(train_dataset), config.per_device_batch_size, config.gradient_accumulation_steps,
+        updates_per_epoch(len(train_dataset), spec.per_device_batch_size, run.gradient_accumulation_steps,
                           args.world_size)
-        if has_length(train_dataset) else config.max_steps
+        if has_length(train_dataset) else spec.max_steps
     )
-    max_steps = total_steps(config, steps_per_epoch)
-    exports = export_steps(config.export_count, max_steps)
+    max_steps = total_steps(spec, steps_per_epoch)
+    exports = export_steps(spec.export_count, max_steps)
     # Trainer saves (and evaluates) on its own only at resume intervals and the end; the export callback asks
     # for a save and an evaluation at every export step
-    args.save_steps = config.resume_every_steps or max_steps
+    args.save_steps = spec.resume_every_steps or max_steps
     args.eval_steps = max_steps
     logger.info("%d optimizer steps (%d per epoch), exports at steps %s, resume checkpoints every %d",
                 max_steps, steps_per_epoch, exports, args.save_steps)
 
     export_callback = ExportCallback(exporter, exports, evaluate=eval_dataset is not None)
     seal_callback = SealCallback()
-    sharded_on_cpu = config.strategy == "fsdp" and args.world_size > 1 and not has_accelerator()
+    sharded_on_cpu = run.strategy == "fsdp" and args.world_size > 1 and not has_accelerator()
     with fsdp_on_cpu() if sharded_on_cpu else contextlib.nullcontext():
         trainer = trainer_cls(
             model=model,
@@ -303,7 +308,7 @@ def run_arm(
             processing_class=tokenizer,
             data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
             callbacks=[*callbacks, seal_callback, export_callback],  # arm callbacks (mask refresh) first
-            loss_reduction=config.loss_reduction,
+            loss_reduction=spec.loss_reduction,
         )
         export_callback.bind(trainer)
         seal_callback.bind(trainer)
