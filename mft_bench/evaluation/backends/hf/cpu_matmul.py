@@ -4,6 +4,7 @@ A decode step multiplies each weight by a handful of rows, where a weight packed
 (``torch.ops.mkl._mkl_linear``) is faster than the plain product. The packed copies live beside the weights
 (``PackedWeights``, kept across calls and packed again only when a weight changes); the weights themselves are
 never touched, and the model's modules are restored when generation stops (``cpu_decode_matmuls``).
+Timings by row count: ``benchmarks/README.md``.
 """
 
 from __future__ import annotations

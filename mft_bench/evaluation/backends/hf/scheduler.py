@@ -1,9 +1,9 @@
 """The decode loop of continuous batching: which rows are in the batch at each step.
 
-``generate`` keeps computing a finished row until the batch's longest row ends (for GSM8K-style answers about
-half of all row-steps). Here a row that is finished (EOS, one of its own stop strings, its own
-``max_new_tokens``) leaves the batch at once, and a waiting prompt takes its place at the next step, so the
-batch stays full until the last rows. Stop strings are checked on the decoded *completion* only (not the
+``generate`` keeps computing a finished row until the batch's longest row ends, and answers of very different
+lengths make that a large share of all row-steps. Here a row that is finished (EOS, one of its own stop strings,
+its own ``max_new_tokens``) leaves the batch at once, and a waiting prompt takes its place at the next step, so
+the batch stays full until the last rows. Stop strings are checked on the decoded *completion* only (not the
 prompt's tail, which transformers' ``StopStringCriteria`` would include), per row.
 """
 
