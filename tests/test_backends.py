@@ -206,6 +206,31 @@ def test_cache_without_row_dropping_gives_same_results(models, tokenizer, monkey
     assert backend.generate(requests) == pruned
 
 
+def test_a_sliding_window_cache_runs_in_fixed_batches_that_match_one_at_a_time(tokenizer):
+    # A sliding-window cache cannot drop or take rows: finished rows stay in the batch, ignored, and the next
+    # prompts are prefilled once the whole batch is finished; results must equal one prompt at a time.
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    from mft_bench.evaluation.backends.hf.forward import ModelForward
+
+    vocab = len(tokenizer)
+    config = MistralConfig(bos_token_id=vocab - 3, eos_token_id=vocab - 2, pad_token_id=vocab - 1, vocab_size=vocab,
+                           hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, sliding_window=24, tie_word_embeddings=False)
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        cache = ModelForward(model, vocab - 1).prefill([[5, 6, 7], [8, 9, 10]])[0]
+    assert not kv_cache.mergeable(cache)
+    requests = [GenerationRequest(p, max_new_tokens=2 + (5 * i) % 13, stop=("e",) if i % 3 == 0 else ())
+                for i, p in enumerate(prompts(14))]
+    requests += [GenerationRequest(p, max_new_tokens=9, temperature=0.8, top_p=0.9, n=2) for p in prompts(4)]
+    alone = [HFBackend(model, tokenizer, batch_size=1, seed=1).generate([r])[0] for r in requests]
+    assert len({a[0] for a in alone}) >= 6, "outputs too uniform for the comparison to be meaningful"
+    backend = HFBackend(model, tokenizer, batch_size=4, seed=1)
+    assert backend.generate(requests) == alone and backend.peak_rows == 4
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_refilled_batches_match_one_at_a_time(models, tokenizer, arch):
     # Varied lengths and stops: rows finish at different steps, so pending rows are merged into a running batch

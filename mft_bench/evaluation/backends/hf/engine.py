@@ -57,7 +57,7 @@ class HFBackend:
         self.eos_ids = eos_token_ids(tokenizer, getattr(model, "generation_config", None))
         if self.pad_id is None:
             self.pad_id = self.eos_ids[0] if self.eos_ids else 0
-        self.forward = ModelForward(model, self.pad_id)
+        self.model_forward = ModelForward(model, self.pad_id)
         self._packed = PackedWeights()  # decode-step weight copies, kept across calls (see cpu_decode_matmuls)
 
     def encode(self, request: GenerationRequest) -> list[int]:
@@ -96,7 +96,7 @@ class HFBackend:
             sampler = Sampler(first.temperature, first.top_p, [row_seed(self.seed, enc.ids, k) for enc, k in rows])
         prompts, requests = [enc.ids for enc, _ in rows], [enc.request for enc, _ in rows]
         with self._generating(0):
-            prefix = self.forward.shared_prefix(prompts)
+            prefix = self.model_forward.shared_prefix(prompts)
         steps = DecodeLoop(self, prompts, requests, sampler, prefix).run()
         texts: dict[int, list[str | None]] = {}  # request position in group -> its rows' completions so far
         while True:
@@ -117,7 +117,7 @@ class HFBackend:
         """What the forward passes of generation run under: inference mode, on CPU the packed decode weights
         (``cpu_decode_matmuls``), and the attention of ``generation_attention`` with ``shared`` prefix columns."""
         with (torch.inference_mode(),
-              cpu_decode_matmuls(self.model, self.forward.device, self.batch_size, self._packed),
+              cpu_decode_matmuls(self.model, self.model_forward.device, self.batch_size, self._packed),
               generation_attention_in_force(self.model, shared)):
             yield
 

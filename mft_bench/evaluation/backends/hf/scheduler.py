@@ -68,7 +68,7 @@ class DecodeLoop:
     def __init__(self, backend: HFBackend, prompts: list[list[int]], requests: list[GenerationRequest],
                  sampler: Sampler | None, prefix: tuple[Any, int] | None):
         self.backend = backend
-        self.forward = backend.forward
+        self.model_forward = backend.model_forward
         self.prompts = prompts
         self.requests = requests
         self.sampler = sampler
@@ -103,10 +103,10 @@ class DecodeLoop:
 
     def _size_batch(self) -> None:
         backend = self.backend
-        self.device = self.forward.device
+        self.device = self.model_forward.device
         longest = max(len(p) for p in self.prompts) + max(r.max_new_tokens for r in self.requests)
         free_bytes = backend.memory_bytes if backend.memory_bytes is not None else free_memory_bytes(self.device)
-        self.batch_rows = rows_that_fit(self.forward.model, longest, backend.batch_size, free_bytes)
+        self.batch_rows = rows_that_fit(self.model_forward.model, longest, backend.batch_size, free_bytes)
         self.capacity = min(self.batch_rows, len(self.requests))
 
     def _free_rows(self) -> int:
@@ -136,8 +136,8 @@ class DecodeLoop:
         count = min(len(self.pending), free if fresh else max(free, min(PREFILL_ROWS, self.batch_rows)))
         ids = [self.pending.pop() for _ in range(count)]
         room = max(self.requests[r].max_new_tokens for r in ids) if fresh else 0  # columns decoding will add
-        cache, mask, last, logits = self.forward.prefill([self.prompts[r] for r in ids], self.prefix, room,
-                                                         self.capacity)
+        cache, mask, last, logits = self.model_forward.prefill(
+            [self.prompts[r] for r in ids], self.prefix, room, self.capacity)
         tokens = next_tokens(logits, ids, self.sampler)
         done = self._record(ids, tokens, [True] * len(ids))
         if fresh:
@@ -166,7 +166,7 @@ class DecodeLoop:
         self.backend.peak_rows = max(self.backend.peak_rows, len(batch.ids))
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones((batch.mask.shape[0], 1))], dim=-1)
         batch.last = batch.last + 1
-        logits = self.forward.step(batch.tokens, batch.mask, batch.last, batch.cache)
+        logits = self.model_forward.step(batch.tokens, batch.mask, batch.last, batch.cache)
         batch.tokens = next_tokens(logits, batch.ids, self.sampler)
         done = self._record(batch.ids, batch.tokens, batch.alive)
         if not any(done):
