@@ -15,7 +15,7 @@ import torch
 
 from mft_bench.backbone import byte_tokenizer, tiny_model
 from mft_bench.errors import MftBenchError
-from mft_bench.evaluation.backends import hf as hf_backend
+from mft_bench.evaluation.backends.hf import attention, cpu_matmul, kv_cache, scheduler
 from mft_bench.evaluation.backends import make_backend, truncate_at_stop
 from mft_bench.evaluation.backends.hf import HFBackend, gumbel_noise
 from mft_bench.evaluation.backends.vllm import UNAVAILABLE, VLLMBackend
@@ -206,6 +206,31 @@ def test_cache_without_row_dropping_gives_same_results(models, tokenizer, monkey
     assert backend.generate(requests) == pruned
 
 
+def test_a_sliding_window_cache_runs_in_fixed_batches_that_match_one_at_a_time(tokenizer):
+    # A sliding-window cache cannot drop or take rows: finished rows stay in the batch, ignored, and the next
+    # prompts are prefilled once the whole batch is finished; results must equal one prompt at a time.
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    from mft_bench.evaluation.backends.hf.forward import ModelForward
+
+    vocab = len(tokenizer)
+    config = MistralConfig(bos_token_id=vocab - 3, eos_token_id=vocab - 2, pad_token_id=vocab - 1, vocab_size=vocab,
+                           hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, sliding_window=24, tie_word_embeddings=False)
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        cache = ModelForward(model, vocab - 1).prefill([[5, 6, 7], [8, 9, 10]])[0]
+    assert not kv_cache.mergeable(cache)
+    requests = [GenerationRequest(p, max_new_tokens=2 + (5 * i) % 13, stop=("e",) if i % 3 == 0 else ())
+                for i, p in enumerate(prompts(14))]
+    requests += [GenerationRequest(p, max_new_tokens=9, temperature=0.8, top_p=0.9, n=2) for p in prompts(4)]
+    alone = [HFBackend(model, tokenizer, batch_size=1, seed=1).generate([r])[0] for r in requests]
+    assert len({a[0] for a in alone}) >= 6, "outputs too uniform for the comparison to be meaningful"
+    backend = HFBackend(model, tokenizer, batch_size=4, seed=1)
+    assert backend.generate(requests) == alone and backend.peak_rows == 4
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_refilled_batches_match_one_at_a_time(models, tokenizer, arch):
     # Varied lengths and stops: rows finish at different steps, so pending rows are merged into a running batch
@@ -228,7 +253,7 @@ def test_cpu_weights_are_untouched_while_generating_and_forwards_restored_after(
     assert not any("forward" in m.__dict__ for m in model.modules()), "packed forwards should be removed after"
 
 
-@pytest.mark.skipif(not hf_backend._mkl_packing_available(), reason="torch built without MKL")
+@pytest.mark.skipif(not cpu_matmul.mkl_packing_available(), reason="torch built without MKL")
 def test_packed_products_equal_plain_ones():
     # Decode steps go through MKL-packed weights, padded to the packed row count: the values of F.linear (up to
     # summation order), and too few or too many rows take the plain path.
@@ -237,8 +262,8 @@ def test_packed_products_equal_plain_ones():
     packed = {size: torch.ops.mkl._mkl_reorder_linear_weight(linear.weight.detach(), size) for size in (8, 16, 32)}
     for n in (1, 3, 4, 7, 8, 9, 16, 17, 32, 33):
         x = torch.randn(n, 1, 48, generator=gen)
-        out = hf_backend._packed_product(x, linear, packed)
-        if n < hf_backend.MIN_PACKED_ROWS or n > 32:
+        out = cpu_matmul._packed_product(x, linear, packed)
+        if n < cpu_matmul.MIN_PACKED_ROWS or n > 32:
             assert out is None, n
             continue
         plain = torch.nn.functional.linear(x, linear.weight, linear.bias)
@@ -246,34 +271,34 @@ def test_packed_products_equal_plain_ones():
         torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.skipif(not hf_backend._mkl_packing_available(), reason="torch built without MKL")
+@pytest.mark.skipif(not cpu_matmul.mkl_packing_available(), reason="torch built without MKL")
 def test_generation_uses_packed_products_and_matches_one_at_a_time(models, tokenizer, monkeypatch, on_cpu):
     used = []
-    original = hf_backend._packed_product
+    original = cpu_matmul._packed_product
 
     def counting(x, linear, packed):
         out = original(x, linear, packed)
         used.append(out is not None)
         return out
 
-    monkeypatch.setattr(hf_backend, "_packed_product", counting)
+    monkeypatch.setattr(cpu_matmul, "_packed_product", counting)
     requests = [GenerationRequest(p, max_new_tokens=4) for p in prompts(8)]
     batched = HFBackend(models["llama"], tokenizer, batch_size=8).generate(requests)
     assert any(used), "decode steps of 8 rows should use the packed weights"
     assert batched == [HFBackend(models["llama"], tokenizer, batch_size=1).generate([r])[0] for r in requests]
 
 
-@pytest.mark.skipif(not hf_backend._mkl_packing_available(), reason="torch built without MKL")
+@pytest.mark.skipif(not cpu_matmul.mkl_packing_available(), reason="torch built without MKL")
 def test_packed_weights_are_kept_across_calls_and_packed_again_after_a_change(models, tokenizer, monkeypatch, on_cpu):
     model = copy.deepcopy(models["llama"])
     packed = []
-    original = hf_backend._pack
+    original = cpu_matmul._pack
 
     def counting(weight, rows):
         packed.append(weight.data_ptr())
         return original(weight, rows)
 
-    monkeypatch.setattr(hf_backend, "_pack", counting)
+    monkeypatch.setattr(cpu_matmul, "_pack", counting)
     requests = [GenerationRequest(p, max_new_tokens=3) for p in prompts(8)]
     backend = HFBackend(model, tokenizer, batch_size=8)
     first = backend.generate(requests)
@@ -305,16 +330,14 @@ def test_shared_prefix_runs_once_and_changes_no_result(models, tokenizer, arch, 
         return original(*args, **kwargs)
 
     monkeypatch.setattr(model, "forward", recording_forward)
-    from mft_bench.evaluation.backends import hf
-
     decode_calls = []
-    attention = hf.generation_attention
+    original_attention = attention.generation_attention
 
     def counting_attention(module, query, *args, **kwargs):
-        decode_calls.append(query.shape[2] == 1 and hf._shared_columns.get() > 0)
-        return attention(module, query, *args, **kwargs)
+        decode_calls.append(query.shape[2] == 1 and attention.shared_columns.get() > 0)
+        return original_attention(module, query, *args, **kwargs)
 
-    monkeypatch.setattr(hf, "generation_attention", counting_attention)
+    monkeypatch.setattr(attention, "generation_attention", counting_attention)
     backend = HFBackend(model, tokenizer, batch_size=4)
     shared = len(backend.encode(GenerationRequest(shots + "Question: ")))
     assert backend.generate(requests) == alone
@@ -330,8 +353,6 @@ def test_shared_prefix_runs_once_and_changes_no_result(models, tokenizer, arch, 
 def test_shared_prefix_decode_attention_equals_sdpa(groups):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from mft_bench.evaluation.backends import hf
-
     module = types.SimpleNamespace(num_key_value_groups=groups, training=False, is_causal=True)
     batch, kv_heads, shared, columns, dim = 5, 2, 7, 12, 8
     gen = torch.Generator().manual_seed(0)
@@ -342,13 +363,13 @@ def test_shared_prefix_decode_attention_equals_sdpa(groups):
     mask[1, ..., shared:shared + 3] = False  # padding between the prefix and a row's own tokens
     mask[3, ..., shared] = False
     expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
-    token = hf._shared_columns.set(shared)
+    token = attention.shared_columns.set(shared)
     try:
-        got, _ = hf.generation_attention(module, query, key, value, mask, scaling=0.3)
+        got, _ = attention.generation_attention(module, query, key, value, mask, scaling=0.3)
         float_mask = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
-        got_float, _ = hf.generation_attention(module, query, key, value, float_mask, scaling=0.3)
+        got_float, _ = attention.generation_attention(module, query, key, value, float_mask, scaling=0.3)
     finally:
-        hf._shared_columns.reset(token)
+        attention.shared_columns.reset(token)
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(got_float, expected)
 
@@ -363,8 +384,6 @@ def test_grouped_decode_attention_is_bitwise_sdpa(groups, masked):
     from transformers.integrations import sdpa_attention
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from mft_bench.evaluation.backends import hf
-
     module = types.SimpleNamespace(num_key_value_groups=groups, training=False, is_causal=True)
     batch, kv_heads, capacity, columns, dim = 6, 2, 20, 13, 8
     gen = torch.Generator().manual_seed(1)
@@ -376,7 +395,7 @@ def test_grouped_decode_attention_is_bitwise_sdpa(groups, masked):
         mask[2, ..., :5] = False  # left padding
         mask[4, ..., :1] = False
     expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
-    got, _ = hf.generation_attention(module, query, key, value, mask, scaling=0.3)
+    got, _ = attention.generation_attention(module, query, key, value, mask, scaling=0.3)
     assert got.shape == expected.shape
     if groups == 1 or (masked and hasattr(sdpa_attention, "pack_gqa")):
         assert torch.equal(got, expected)
@@ -390,14 +409,14 @@ def test_finished_rows_leave_the_cache_in_place():
     from transformers.cache_utils import DynamicCache
 
     done = [False, True, False, False, True, False, True]
-    order = hf_backend._compaction(done)
+    order = kv_cache.compaction(done)
     assert order == [0, 5, 2, 3] and sorted(order) == [j for j, d in enumerate(done) if not d]
-    assert hf_backend._compaction([True, True]) == [] and hf_backend._compaction([False, False]) == [0, 1]
+    assert kv_cache.compaction([True, True]) == [] and kv_cache.compaction([False, False]) == [0, 1]
     gen = torch.Generator().manual_seed(0)
     keys, values = (torch.randn(len(done), 2, 5, 4, generator=gen) for _ in range(2))
     cache = DynamicCache()
     cache.update(keys.clone(), values.clone(), 0)
-    hf_backend._buffer(cache, 3)
+    kv_cache.buffer_layers(cache, 3)
     storage = cache.layers[0].key_buffer.data_ptr()
     cache.batch_select_indices(torch.tensor(order))
     layer = cache.layers[0]
@@ -423,15 +442,15 @@ def test_rows_are_merged_into_buffers_with_room(drop):
         if drop:
             mask[:, shared] = 0  # the first own column, attended by no row of either part
         parts.append((cache, mask))
-        expected.append(tuple(hf_backend._pad_at(t, shared + 6, shared, -2) for t in (keys, values)))
-    masks = torch.cat([hf_backend._pad_at(m, shared + 6, shared) for _, m in parts])
+        expected.append(tuple(kv_cache.pad_at(t, shared + 6, shared, -2) for t in (keys, values)))
+    masks = torch.cat([kv_cache.pad_at(m, shared + 6, shared) for _, m in parts])
     columns = torch.nonzero(masks.any(0)).squeeze(1)
-    cache, mask = hf_backend._concat_rows(parts, shared, room=5)
+    cache, mask = kv_cache.concat_rows(parts, shared, room=5)
     layer = cache.layers[0]
     assert torch.equal(mask, masks[:, columns])
     assert torch.equal(layer.keys, torch.cat([k for k, _ in expected])[:, :, columns])
     assert torch.equal(layer.values, torch.cat([v for _, v in expected])[:, :, columns])
-    assert type(layer) is hf_backend._BufferedLayer and layer.key_buffer.shape[-2] == len(columns) + 5
+    assert type(layer) is kv_cache.BufferedLayer and layer.key_buffer.shape[-2] == len(columns) + 5
     storage = layer.key_buffer.data_ptr()
     layer.update(torch.ones(5, 2, 1, 4), torch.ones(5, 2, 1, 4))
     assert layer.key_buffer.data_ptr() == storage and layer.keys.shape[-2] == len(columns) + 1
@@ -448,7 +467,7 @@ def test_rows_are_admitted_into_spare_rows_in_place(wider):
     keys, values = (torch.randn(3, 2, shared + own, 4, generator=gen) for _ in range(2))
     cache = DynamicCache()
     cache.update(keys, values, 0)
-    hf_backend._buffer(cache, 4, rows=6)
+    kv_cache.buffer_layers(cache, 4, rows=6)
     storage = cache.layers[0].key_buffer.data_ptr()
     mask = torch.ones(3, shared + own, dtype=torch.long)
     mask[1, shared:shared + 2] = 0
@@ -458,16 +477,16 @@ def test_rows_are_admitted_into_spare_rows_in_place(wider):
     new_cache.update(new_keys, new_values, 0)
     new_mask = torch.ones(4, shared + new_own, dtype=torch.long)
     new_mask[0, shared] = 0
-    cache, merged = hf_backend._admit(cache, mask, new_cache, new_mask, 2, shared, rows=6)
+    cache, merged = kv_cache.admit(cache, mask, new_cache, new_mask, 2, shared, rows=6)
     width = shared + max(own, new_own)
-    pad = lambda t: hf_backend._pad_at(t, width, shared, -2)
+    pad = lambda t: kv_cache.pad_at(t, width, shared, -2)
     layer = cache.layers[0]
     assert torch.equal(layer.keys, torch.cat([pad(keys), pad(new_keys[:2])]))
     assert torch.equal(layer.values, torch.cat([pad(values), pad(new_values[:2])]))
-    assert torch.equal(merged, torch.cat([hf_backend._pad_at(m, width, shared) for m in (mask, new_mask[:2])]))
+    assert torch.equal(merged, torch.cat([kv_cache.pad_at(m, width, shared) for m in (mask, new_mask[:2])]))
     assert (layer.key_buffer.data_ptr() == storage) != wider  # in place unless the batch had to widen
     assert len(layer.key_buffer) == 6
-    rest = hf_backend._without_first_rows(new_cache, 2)
+    rest = kv_cache.without_first_rows(new_cache, 2)
     assert torch.equal(rest.layers[0].keys, new_keys[2:])
 
 
@@ -479,15 +498,15 @@ def test_dead_columns_are_dropped_in_place_once_they_are_a_quarter():
     keys, values = (torch.randn(4, 2, shared + 8, 4, generator=gen) for _ in range(2))
     cache = DynamicCache()
     cache.update(keys, values, 0)
-    hf_backend._buffer(cache, 4, rows=5)
+    kv_cache.buffer_layers(cache, 4, rows=5)
     storage = cache.layers[0].key_buffer.data_ptr()
     mask = torch.ones(4, shared + 8, dtype=torch.long)
     mask[:, shared] = 0  # one dead column of 8: kept
-    assert hf_backend._drop_dead_columns(cache, mask, shared)[1] is mask
+    assert kv_cache.drop_dead_columns(cache, mask, shared)[1] is mask
     mask[:, shared + 1] = 0
     mask[:2, shared + 2:shared + 5] = 0  # partly attended columns stay
     live = torch.tensor([0, 1, 2, 5, 6, 7, 8, 9, 10])
-    cache, kept = hf_backend._drop_dead_columns(cache, mask, shared)
+    cache, kept = kv_cache.drop_dead_columns(cache, mask, shared)
     layer = cache.layers[0]
     assert torch.equal(kept, mask[:, live])
     assert torch.equal(layer.keys, keys[:, :, live]) and torch.equal(layer.values, values[:, :, live])
@@ -520,13 +539,14 @@ def test_the_batch_stays_full_while_prompts_wait(models, tokenizer, monkeypatch)
 def test_cache_rows_are_allocated_for_the_rows_a_call_can_have(models, tokenizer, monkeypatch):
     # A call with fewer prompts than the batch size allocates cache rows for those prompts only.
     seen = []
-    original = hf_backend._buffer
+    original = kv_cache.buffer_layers
 
     def recording(cache, room, rows=0):
         original(cache, room, rows)
         seen.append(len(cache.layers[0].key_buffer))
 
-    monkeypatch.setattr(hf_backend, "_buffer", recording)
+    monkeypatch.setattr(scheduler, "buffer_layers", recording)  # a fresh batch's cache
+    monkeypatch.setattr(kv_cache, "buffer_layers", recording)  # rows admitted into a running one
     requests = [GenerationRequest(p, max_new_tokens=4) for p in prompts(3)]
     HFBackend(models["llama"], tokenizer, batch_size=32).generate(requests)
     assert seen and set(seen) == {3}

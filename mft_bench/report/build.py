@@ -306,9 +306,10 @@ PLOTS_STAMP = ".inputs.json"
 
 
 def _plots_unless_unchanged(report: dict, run: RunData | None, run_dir: Path) -> list[Path]:
-    """The figures, redrawn only when what they show changed: a warm rerun of a finished recipe spent most of
-    its seconds redrawing identical plots. Key: the report, run.json (which names the content-addressed stage
-    folders the mask plots read) and the plotting code itself."""
+    """The figures, redrawn only when what they show changed, so a warm rerun of a finished recipe costs
+    imports and hashing rather than redrawing identical plots (``benchmarks/README.md``, End to end). Key: the
+    report, run.json (which names the content-addressed stage folders the mask plots read) and the plotting code
+    itself."""
     from mft_bench.report import plots
 
     out_dir = run_dir / "plots"
