@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from mft_bench.evaluation.backends import truncate_at_stop
+from mft_bench.evaluation.base import truncate_at_stop
 from mft_bench.evaluation.backends.hf.attention import generation_attention_in_force
 from mft_bench.evaluation.backends.hf.cpu_matmul import PackedWeights, cpu_decode_matmuls
 from mft_bench.evaluation.backends.hf.forward import ModelForward
