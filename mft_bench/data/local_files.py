@@ -76,8 +76,8 @@ def _first_json_row(source: SourceSpec, path: Path, size: int) -> dict | None:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         if not (document and text.lstrip()[:1] in ("[", "{")):
-            where = f"line {number} is not JSON" if not document else "is not JSON"
-            raise MftBenchError(f"{where(source)}: {path} {where} ({exc.msg})") from None
+            problem = f"line {number} is not JSON" if not document else "is not JSON"
+            raise MftBenchError(f"{where(source)}: {path} {problem} ({exc.msg})") from None
         if size > WHOLE_JSON_BYTES:
             return None
         value = _parse_whole(source, path)
