@@ -166,7 +166,7 @@ def _saves(recipe: Recipe, arm: str, counts: DataCounts, nproc: int) -> tuple[in
 
 
 def _train_cost(ctx: _Context, stage: Stage) -> StageCost:
-    from mft_bench.pipeline import replica_bytes
+    from mft_bench.translate import replica_bytes
     from mft_bench.train.strategy import resolve_strategy
 
     recipe, arm, counts, hw = ctx.recipe, stage.name, ctx.counts, ctx.hardware

@@ -8,7 +8,8 @@ import datasets
 import pytest
 
 from mft_bench.backbone import byte_tokenizer
-from mft_bench.pipeline import ModelCache, run_data_stage, train_config
+from mft_bench.pipeline import ModelCache, run_data_stage
+from mft_bench.translate import train_config
 from mft_bench.plan import build_plan
 from mft_bench.recipe import load_recipe, validate_recipe
 

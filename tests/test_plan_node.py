@@ -46,7 +46,7 @@ def test_fsdp_per_gpu_memory_is_the_sharded_state_plus_one_micro_batch(tmp_path)
     assert 16 * LLAMA2.n_params / 8 < fft.memory_bytes < 16 * LLAMA2.n_params / 8 + 8 * GIB
     assert fft.fits and fft.runs_on == "fsdp x8"
     # the strategy is the one a run on that node would choose
-    from mft_bench.pipeline import train_config
+    from mft_bench.translate import train_config
 
     recipe = _paper()
     memory = hardware_by_name("a100-80gb").memory_bytes
