@@ -8,9 +8,9 @@ import pytest
 
 from mft_bench.cli import main, resolve_recipe
 from mft_bench.estimate import GIB, KNOWN_SHAPES, hardware_by_name
-from mft_bench.plan import MANIFEST, Stage, build_plan
 from mft_bench.plan_cost import StageCost, stage_costs, wall_seconds
 from mft_bench.recipe import load_recipe
+from mft_bench.stages import MANIFEST, Stage, build_plan
 
 LLAMA2 = KNOWN_SHAPES["meta-llama/Llama-2-7b-hf"]
 

@@ -19,7 +19,9 @@ from typing import Any
 
 import pandas as pd
 
+from mft_bench.arms import arm_labels, paper_arms
 from mft_bench.errors import MftBenchError
+from mft_bench.evaluation.registry import headline_benchmarks
 from mft_bench.report.collect import (
     SELECTION_SUFFIXES,
     atomic_write_text,
@@ -30,12 +32,9 @@ from mft_bench.report.collect import (
 
 log = logging.getLogger(__name__)
 
-PAPER_ARMS = ("baseline", "fft", "lora", "random_mask", "magnitude_mask", "l1_mask", "mft")
-ARM_LABELS = {
-    "baseline": "Pretrained", "fft": "FFT", "lora": "LoRA", "random_mask": "Random mask",
-    "magnitude_mask": "Magnitude mask", "l1_mask": "L1 mask (rows)", "mft": "MFT",
-}
-DOMAIN_BENCHMARKS = {"math": "gsm8k", "coding": "humaneval", "instruction": "ifeval"}
+PAPER_ARMS = paper_arms()
+ARM_LABELS = arm_labels()
+DOMAIN_BENCHMARKS = headline_benchmarks()
 SELECTIONS = ("last", "val", "test-selected")  # how a number's checkpoint was chosen
 READ_OFF_MARK = "≈"
 
