@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mft_bench.errors import MftBenchError
-from mft_bench.plan import LAST, Stage, checkpoint_index
+from mft_bench.stages import LAST, Stage, checkpoint_index
 
 
 def export_step(train_stage: Stage, label: str) -> int:
@@ -35,7 +35,7 @@ def export_path(train_stage: Stage, step: int) -> Path:
 def start_step(start_from: str, fft: Stage, selection: list[Stage]) -> dict[str, Any]:
     """The FFT step the masks start from and why: ``{"from", "step", "rule", "candidates"}``.
 
-    ``selection``: the finished FFT evaluation stages ``start_from`` chooses among (``plan.start_selection_stages``),
+    ``selection``: the finished FFT evaluation stages ``start_from`` chooses among (``stages.start_selection_stages``),
     primary metric highest wins; for ``best-val`` without any, FFT's validation loss at each export, lowest wins.
     """
     return {"from": start_from, **_choose(start_from, fft, selection)}

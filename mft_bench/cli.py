@@ -51,7 +51,7 @@ def _load(args) -> "object":
 
 
 def _run_dir(recipe, out: str | None) -> Path:
-    from mft_bench.pipeline import default_run_dir
+    from mft_bench.run import default_run_dir
 
     return Path(out) if out else default_run_dir(recipe)
 
@@ -84,7 +84,7 @@ def _relaunch(nproc: int, argv: list[str], recipes: list) -> int:
 
 
 def cmd_run(args) -> int:
-    from mft_bench.pipeline import run_recipe
+    from mft_bench.run import run_recipe
 
     recipe = _load(args)  # bad recipes are refused before any process starts
     run_dir = _run_dir(recipe, args.out)
@@ -151,8 +151,8 @@ def cmd_reproduce(args) -> int:
         return EXIT_OK
     if args.nproc > 1:
         return _relaunch(args.nproc, args.argv, recipes)
-    from mft_bench.pipeline import run_recipe
     from mft_bench.report import write_paper_table
+    from mft_bench.run import run_recipe
 
     run_dirs = []
     for recipe in recipes:

@@ -50,21 +50,22 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Literal, Mapping, Sequence
+from typing import Mapping, Sequence
 
+from mft_bench.arms import REGISTRY
 from mft_bench.errors import MftBenchError
 from mft_bench.hardware import Hardware, cpu_hardware, detect_hardware, gpu_hardware, hardware_by_name
 from mft_bench.model_shape import KNOWN_SHAPES, ModelShape, shape_for_backbone
 
 __all__ = [
-    "ARMS", "GIB", "KNOWN_SHAPES", "Estimate", "Hardware", "ModelShape", "cpu_hardware", "detect_hardware",
+    "GIB", "TRAINERS", "KNOWN_SHAPES", "Estimate", "Hardware", "ModelShape", "cpu_hardware", "detect_hardware",
     "estimate_generation", "estimate_load", "estimate_training", "gpu_hardware", "hardware_by_name",
     "data_parallel_seconds", "per_device_memory", "shape_for_backbone", "DDP_EFFICIENCY", "FSDP_EFFICIENCY",
     "DISK_BYTES_PER_S",
 ]
 
-Arm = Literal["fft", "mft", "lora"]
-ARMS: tuple[str, ...] = ("fft", "mft", "lora")
+# the training methods the cost model prices: every trained arm is priced as its arms.Arm.trainer
+TRAINERS: tuple[str, ...] = tuple(dict.fromkeys(arm.trainer for arm in REGISTRY if arm.trainer))
 GIB = 1024**3
 
 # Model loading: GGUF is dequantized in Python/numpy by transformers (SmolLM2-135M: ~20 s on 2 cores,
@@ -171,8 +172,8 @@ def estimate_training(
     one micro-batch) -- it sets how often AdamW and MFT's mask selection run. ``master_weights``: mixed
     precision (see the module docstring for the formulas and the precision settings).
     """
-    if arm not in ARMS:
-        raise MftBenchError(f"unknown training arm '{arm}'; choose one of {', '.join(ARMS)}")
+    if arm not in TRAINERS:
+        raise MftBenchError(f"unknown training arm '{arm}'; choose one of {', '.join(TRAINERS)}")
     if tokens < 0 or micro_batch_tokens <= 0 or seq_len <= 0:
         raise MftBenchError("estimate_training: tokens must be >= 0, micro_batch_tokens and seq_len > 0")
     n = shape.matmul_params

@@ -3,8 +3,9 @@ and for each training arm the strategy a run on that machine would choose (``tra
 the replica estimate the run uses). ``plan_view.py`` renders it.
 
 Token counts come from the data stage's manifest when it is cached, else from the recipe (rows x an assumed mean
-length, stated in the plan). Per-benchmark prompt/answer lengths are typical values of each protocol
-(documented below); estimates use ``mft_bench.estimate`` (standard FLOP formulas, calibrated throughput).
+length, stated in the plan). Per-benchmark prompt/answer lengths are typical values of each protocol, declared by
+each benchmark (``evaluation.base.BenchmarkFacts``); estimates use ``mft_bench.estimate`` (standard FLOP formulas,
+calibrated throughput).
 Wall time on N GPUs follows the run: training stages use every GPU one after another; a block of consecutive
 evaluation stages is dealt out round-robin, one stage per process at a time (``RunProcesses.share``), so the
 block takes as long as its busiest process.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from mft_bench.arms import ARMS
 from mft_bench.estimate import (
     DISK_BYTES_PER_S,
     Estimate,
@@ -27,19 +29,10 @@ from mft_bench.estimate import (
     per_device_memory,
     shape_for_backbone,
 )
-from mft_bench.plan import Stage
+from mft_bench.evaluation.registry import benchmark_facts
 from mft_bench.recipe import Recipe
+from mft_bench.stages import Stage
 
-# items, prompt tokens, new tokens (typical, SmolLM2/LLaMA tokenizers), prompt tokens shared by all items
-BENCHMARK_SHAPES = {
-    "gsm8k": (1319, 900, 150, 740),  # 8-shot CoT prompt (the exemplars are shared); answers stop at "Question:"
-    "humaneval": (164, 180, 200, 0),
-    "humaneval_plain": (164, 160, 200, 0),
-    "humaneval_plus": (164, 180, 200, 0),
-    "ifeval": (541, 60, 400, 0),
-    "synthetic_math": (200, 80, 100, 0),
-}
-LM_EVAL_SHAPE = (1000, 300, 50, 0)
 # rows of whole sources when a recipe takes all of them
 KNOWN_SOURCE_ROWS = {"openai/gsm8k": 7473, "gsm8k": 7473}
 ASSUMED_TOKENS_PER_ROW = 0.5  # fraction of max_length a chat row uses on average, when not measured
@@ -102,17 +95,6 @@ def _data_counts(recipe: Recipe, data_stage: Stage) -> DataCounts:
     return DataCounts(train_rows, int(train_rows * per_row), int(recipe.data.validation_rows * per_row), False)
 
 
-def _bench_shape(name: str, limit: int | None, options: dict) -> tuple[int, int, int, int]:
-    items, prompt, new, shared = BENCHMARK_SHAPES.get(name, LM_EVAL_SHAPE)
-    if name == "synthetic_math" and "n" in options:
-        items = int(options["n"])
-    if name == "gsm8k" and int(options.get("num_fewshot", 8)) < 8:  # fewer exemplars: shorter, less shared
-        shots = int(options["num_fewshot"])
-        prompt, shared = prompt - (8 - shots) * shared // 8, shots * shared // 8
-    new = min(new, int(options.get("max_new_tokens", new)))
-    return (min(items, limit) if limit else items), prompt, new, shared
-
-
 def fmt_flops(flops: float) -> str:
     for unit, scale in (("EFLOP", 1e18), ("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
         if flops >= scale:
@@ -166,21 +148,21 @@ def _saves(recipe: Recipe, arm: str, counts: DataCounts, nproc: int) -> tuple[in
 
 
 def _train_cost(ctx: _Context, stage: Stage) -> StageCost:
-    from mft_bench.pipeline import replica_bytes
+    from mft_bench.translate import replica_bytes
     from mft_bench.train.strategy import resolve_strategy
 
     recipe, arm, counts, hw = ctx.recipe, stage.name, ctx.counts, ctx.hardware
     spec = recipe.train_spec(arm)
+    costed = ARMS[arm].trainer  # priced as its training method (fft_continued: FFT's update, MFT's length)
     master = spec.precision == "mixed" and ctx.dtype_bytes < 4
     tokens = (int(spec.max_steps * spec.global_batch_size * counts.mean_row_tokens) if spec.max_steps > 0
               else int(counts.train_tokens * spec.epochs))
-    kwargs = {"mask_layers": list(recipe.mask.layers)} if arm == "mft" else {}
-    if arm == "lora":
-        kwargs["lora_r"] = recipe.lora.r
+    kwargs = {"mask_layers": list(recipe.mask.layers)} if costed == "mft" else {}
+    if costed == "lora":
+        kwargs["lora_r"] = spec.r
     common = dict(hardware=hw, dtype_bytes=ctx.dtype_bytes, master_weights=master,
                   gradient_checkpointing=spec.gradient_checkpointing, **kwargs)
     row = max(int(counts.mean_row_tokens), 1)
-    costed = "fft" if arm == "fft_continued" else arm  # the same update as FFT, for MFT's length
     timed = estimate_training(ctx.shape, costed, tokens, seq_len=row, micro_batch_tokens=spec.per_device_batch_size * row,
                               tokens_per_step=spec.global_batch_size * row, **common)
     # memory with the longest rows a micro-batch can hold, as the run sizes its replica
@@ -197,7 +179,7 @@ def _train_cost(ctx: _Context, stage: Stage) -> StageCost:
     cost = StageCost(stage, seconds=seconds + written / DISK_BYTES_PER_S, memory_bytes=memory, disk_bytes=kept,
                      flops=timed.flops, runs_on=_runs_on(strategy, ctx), estimate=timed)
     cost.fits = hw.memory_bytes <= 0 or memory <= hw.memory_bytes
-    if ctx.nproc > 1 or (arm == "fft" and ctx.dtype_bytes < 4):
+    if ctx.nproc > 1 or (costed == "fft" and ctx.dtype_bytes < 4):
         cost.notes.append(_memory_note(arm, strategy, parts, replica or peak.memory_bytes, ctx, master))
     cost.notes.append(disk_note)
     if not cost.fits:
@@ -213,7 +195,7 @@ def _train_disk(ctx: _Context, arm: str, peak: Estimate, master: bool) -> tuple[
     saves, exports = _saves(ctx.recipe, arm, ctx.counts, ctx.nproc)
     checkpoint = int(peak.detail["checkpoint_bytes"])
     dense = ctx.dense_model_bytes
-    if arm == "mft":
+    if ARMS[arm].trainer == "mft":
         masks = math.ceil(peak.detail["masked_params"] / 8)  # bit-packed
         export_bytes, final_bytes = exports * masks, masks + dense  # + masks.safetensors and model/
         exported = f"{exports} bit-packed mask exports x {fmt_bytes(masks)}"
@@ -242,9 +224,9 @@ def _runs_on(strategy: str, ctx: _Context) -> str:
 
 
 def _checkpoint_content(arm: str, master: bool, ctx: _Context) -> str:
-    if arm == "mft":
+    if ARMS[arm].trainer == "mft":
         return "fp32 scores + AdamW m, v"
-    if arm == "lora":
+    if ARMS[arm].trainer == "lora":
         return "adapters + AdamW m, v"
     weights = "fp32 master weights" if master else f"{ctx.recipe.backbone.dtype} weights"
     return f"{weights} + AdamW m, v; sharded or not, the same total"
@@ -259,16 +241,16 @@ def _memory_note(arm: str, strategy: str, parts: dict[str, int], replica: int, c
     if strategy == "fsdp":
         why = f" (a whole replica, {fmt_bytes(replica)}, exceeds {fmt_bytes(ctx.hardware.memory_bytes)})"
     precision = ""
-    if arm == "fft" and ctx.dtype_bytes < 4:
+    if ARMS[arm].trainer == "fft" and ctx.dtype_bytes < 4:
         precision = (" [mixed precision: fp32 master weights, grads and AdamW states + autocast's bf16 copies, "
                      "18 bytes/param; pure bf16 would be 8]" if master else " [pure bf16: 8 bytes/param]")
     return f"{arm}: {where}{why}: per {_unit(ctx)} {breakdown} = {fmt_bytes(total)}{precision}"
 
 
 def _fit_advice(arm: str, strategy: str, ctx: _Context) -> str:
-    if arm == "fft" and strategy == "ddp" and ctx.nproc > 1:
-        return f"; set fft.strategy=fsdp to shard it over the {ctx.nproc} GPUs"
-    if arm == "fft" and ctx.nproc == 1:
+    if ARMS[arm].shardable and strategy == "ddp" and ctx.nproc > 1:
+        return f"; set {ARMS[arm].settings}.strategy=fsdp to shard it over the {ctx.nproc} GPUs"
+    if ARMS[arm].shardable and ctx.nproc == 1:
         return "; shard it over several GPUs (--nproc N) or use a GPU with more memory"
     return "; use a GPU with more memory or a smaller per_device_batch_size"
 
@@ -276,7 +258,7 @@ def _fit_advice(arm: str, strategy: str, ctx: _Context) -> str:
 def _eval_cost(ctx: _Context, stage: Stage) -> StageCost:
     recipe, hw = ctx.recipe, ctx.hardware
     bench = next(b for b in recipe.evaluation.benchmarks if b.name == stage.benchmark)
-    items, prompt, new, shared = _bench_shape(bench.name, bench.limit, bench.options)
+    items, prompt, new, shared = benchmark_facts(bench.name).cost_shape(bench.options, bench.limit)
     sequences = items * int(bench.options.get("n_samples", 1))
     batch = recipe.evaluation.batch_size
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from mft_bench.estimate import DDP_EFFICIENCY, FSDP_EFFICIENCY, Hardware
-from mft_bench.plan import build_plan
 from mft_bench.plan_cost import (
     ASSUMED_TOKENS_PER_ROW,
     DataCounts,
@@ -19,6 +18,7 @@ from mft_bench.plan_cost import (
     summarize,
 )
 from mft_bench.recipe import Recipe
+from mft_bench.stages import build_plan
 
 __all__ = ["estimate_stages", "plan_text", "render_bill", "render_plan"]
 

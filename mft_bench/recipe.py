@@ -17,20 +17,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mft_bench import strict_yaml
+from mft_bench.arms import ARM_NAMES, ARMS, renamed_arm_message
 from mft_bench.data import SourceSpec
 from mft_bench.errors import MftBenchError
 
-ARMS = ("baseline", "fft", "mft", "lora", "random_mask", "magnitude_mask", "l1_mask", "fft_continued")
-# arms that need the FFT model first
-NEEDS_FFT = ("mft", "random_mask", "magnitude_mask", "l1_mask", "fft_continued")
-# arms with a training stage of their own (see Recipe.train_spec)
-TRAINED_ARMS = ("fft", "mft", "lora", "fft_continued")
-# the compute-matched control: FFT trained on for exactly MFT's steps, rows and order (MFT's length, FFT's update)
-LENGTH_OF_MFT = ("epochs", "max_steps", "global_batch_size", "per_device_batch_size", "save_every", "group_by_length")
-# mask baselines: arm -> mask kind (masking.baselines); l1_mask is the paper's structured "L1 mask"
-MASK_BASELINES = {"random_mask": "random", "magnitude_mask": "magnitude", "l1_mask": "l1_rows"}
-# training arms whose every process needs the whole model (they cannot shard weights)
-REPLICATED_ARMS = ("mft", "lora")
+# the training length an arm takes from another's settings (arms.Arm.length_from): the compute-matched control trains
+# on for exactly MFT's steps, rows and order (MFT's length, FFT's update)
+LENGTH_FIELDS = ("epochs", "max_steps", "global_batch_size", "per_device_batch_size", "save_every", "group_by_length")
 # keys of earlier recipe versions: the one line that says what replaced them
 REMOVED_KEYS = {
     "gradient_accumulation_steps": "replaced by global_batch_size (rows per optimizer step on any number of processes "
@@ -267,6 +260,20 @@ class EvaluationSpec(_Strict):
     benchmarks: list[BenchmarkSpec] = Field(min_length=1)
     sandbox: Literal["namespace", "rlimits"] = "namespace"  # weakest code-sandbox isolation accepted
 
+    @model_validator(mode="after")
+    def _benchmarks_unique(self) -> "EvaluationSpec":
+        seen: dict[str, int] = {}
+        for index, bench in enumerate(self.benchmarks):
+            if bench.name in seen:
+                first = self.benchmarks[seen[bench.name]]
+                same = first.options == bench.options and first.limit == bench.limit
+                why = "remove one" if same else "results are kept per benchmark name: evaluate the other settings " \
+                                                "in a recipe of their own"
+                raise ValueError(f"benchmarks {seen[bench.name]} and {index} are both {bench.name}"
+                                 f"{'' if same else ' (with different settings)'}: {why}")
+            seen[bench.name] = index
+        return self
+
     @property
     def in_fresh_process(self) -> bool:
         return self.backend == "vllm" if self.fresh_process is None else self.fresh_process
@@ -280,10 +287,7 @@ class Recipe(_Strict):
     seed: int = Field(default=0, ge=0, le=SEED_MAX)
     backbone: BackboneSpec = Field(default_factory=BackboneSpec)
     data: DataSpec
-    arms: list[Literal["baseline", "fft", "mft", "lora", "random_mask", "magnitude_mask", "l1_mask",
-                       "fft_continued"]] = Field(
-        default_factory=lambda: list(ARMS), min_length=1
-    )
+    arms: list[str] = Field(default_factory=lambda: list(ARM_NAMES), min_length=1)
     mask: MaskSpec
     fft: TrainSpec = Field(default_factory=TrainSpec)
     mft: TrainSpec = Field(default_factory=TrainSpec)
@@ -298,18 +302,29 @@ class Recipe(_Strict):
             raise ValueError(f"must be an integer from 0 to {SEED_MAX} (numpy's seed range), got {value:g}")
         return value
 
+    @field_validator("arms")
+    @classmethod
+    def _known_arms(cls, value: list[str]) -> list[str]:
+        for name in value:
+            renamed = renamed_arm_message(name)
+            if renamed:
+                raise ValueError(renamed)
+            if name not in ARMS:
+                raise ValueError(f"unknown arm '{name}'; arms are {', '.join(ARM_NAMES)}")
+        return value
+
     @model_validator(mode="after")
     def _arms_consistent(self) -> "Recipe":
         if len(set(self.arms)) != len(self.arms):
             raise ValueError(f"arms repeat: {self.arms}")
-        needing = [arm for arm in self.arms if arm in NEEDS_FFT]
+        needing = [arm for arm in self.arms if ARMS[arm].needs_fft]
         if needing and "fft" not in self.arms:
             raise ValueError(f"arms {needing} start from the FFT model: add 'fft' to arms")
         start = self.mask.start_from
         if start.startswith("best") and self.evaluation.checkpoints != "all":
             raise ValueError(f"mask.start_from {start} chooses among FFT checkpoints: set evaluation.checkpoints: all "
                              "(and fft.save_every)")
-        matched = [arm for arm in self.arms if arm in ("random_mask", "magnitude_mask")]
+        matched = [arm for arm in self.arms if ARMS[arm].matches_mft_counts]
         if self.mask.mode != "local" and matched and "mft" not in self.arms:
             raise ValueError(f"arms {matched} in mask.mode {self.mask.mode} remove per matrix what MFT's mask removed: "
                              "add 'mft' to arms (or use mode local)")
@@ -318,8 +333,8 @@ class Recipe(_Strict):
                              "evaluation.test_selected: true so the report labels it")
         if self.evaluation.test_selected and self.evaluation.checkpoints != "all":
             raise ValueError("evaluation.test_selected picks among checkpoints: set evaluation.checkpoints: all")
-        for arm in REPLICATED_ARMS:
-            if getattr(self, arm).strategy == "fsdp":
+        for arm in (a.name for a in ARMS.values() if a.replicated):
+            if getattr(self, ARMS[arm].settings).strategy == "fsdp":
                 raise ValueError(
                     f"{arm}.strategy fsdp: the {arm} arm reads whole weights on every process (masks / merged "
                     "adapters); use ddp or auto (only fft shards)"
@@ -334,11 +349,14 @@ class Recipe(_Strict):
         training the FFT model MFT starts from with FFT's settings (learning rate, schedule shape, precision) for
         MFT's length: the same optimizer steps on the same rows in the same order (the row order is a function of
         the seed and the global batch)."""
-        if arm == "fft_continued":
-            return self.fft.model_copy(update={name: getattr(self.mft, name) for name in LENGTH_OF_MFT})
-        if arm not in TRAINED_ARMS:
+        entry = ARMS.get(arm)
+        if entry is None or not entry.trained:
             raise ValueError(f"{arm} has no training stage")
-        return getattr(self, arm)
+        spec = getattr(self, entry.settings)
+        if entry.length_from:
+            length = getattr(self, entry.length_from)
+            spec = spec.model_copy(update={name: getattr(length, name) for name in LENGTH_FIELDS})
+        return spec
 
     def content_hash(self) -> str:
         return stable_hash(self.model_dump(mode="json"))

@@ -12,7 +12,7 @@ A sweep file (``tasks/sweeps/*.yaml``, ``tasks/paper/ablations/*.yaml``)::
         mask.mask_ratio: [0.05, 0.1, 0.2]   # the base in that key alone (a value equal to the base's is the base)
         mft.learning_rate: [1.0e-5, 5.0e-5]
 
-Variants: ``base``, then per axis every value other than the base's, each run by ``pipeline.run_recipe`` into
+Variants: ``base``, then per axis every value other than the base's, each run by ``run.run_recipe`` into
 ``SWEEP/variants/<variant>/`` with its stage folders in ``SWEEP/stages/``: stages are content-addressed, so what
 the variants have in common (data, FFT, the pretrained and FFT evaluations, and mask baselines the varied key does
 not touch) runs once. The cross-run table (``report.sweep_table``) goes to ``SWEEP/sweep.{md,csv,json,tex}``.
@@ -286,7 +286,7 @@ def stages_dir(out_dir: Path) -> Path:
 
 def plan_sweep(sweep: Sweep, out_dir: Path) -> list[dict[str, Any]]:
     """Per variant: its stages, which of them other variants share, and which are already finished. Nothing runs."""
-    from mft_bench.plan import build_plan
+    from mft_bench.stages import build_plan
 
     plans = {v.name: build_plan(v.recipe, variant_dir(out_dir, v), stages_dir(out_dir)) for v in sweep.variants}
     users: dict[Path, int] = {}
@@ -310,7 +310,7 @@ def run_sweep(sweep: Sweep, out_dir: Path, *, progress=None, variant_progress=No
     """Run every variant (base first) into ``out_dir`` under one lock, then write the cross-run table. Returns
     the table's files (on the main process; [] on the others)."""
     from mft_bench.distributed import RunProcesses
-    from mft_bench.pipeline import run_recipe
+    from mft_bench.run import run_recipe
     from mft_bench.report.sweep_table import write_sweep_table
     from mft_bench.run_folder import RunLock
 
@@ -343,6 +343,7 @@ def _write_record(sweep: Sweep, out_dir: Path) -> None:
 
 def render_sweep_plan(sweep: Sweep, out_dir: Path) -> str:
     """``mft-bench sweep --dry-run``: the variants, the settings they vary, and which stages they share."""
+    from mft_bench.arms import trained_arms
     from mft_bench.report.sweep_table import format_value
 
     rows = plan_sweep(sweep, out_dir)
@@ -351,7 +352,7 @@ def render_sweep_plan(sweep: Sweep, out_dir: Path) -> str:
     training = {}
     for row in rows:
         for name, folder in row["folders"].items():
-            if name in ("fft", "mft", "lora"):
+            if name in trained_arms():
                 training.setdefault(name, set()).add(folder)
     done = {folder for row in rows for name, folder in row["folders"].items() if name in row["done"]}
     width = max(len(row["variant"]) for row in rows)

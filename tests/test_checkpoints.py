@@ -9,8 +9,8 @@ import pytest
 
 from mft_bench.checkpoints import export_path, export_step, start_step
 from mft_bench.errors import MftBenchError
-from mft_bench.plan import Stage, checkpoint_labels
 from mft_bench.recipe import load_recipe
+from mft_bench.stages import Stage, checkpoint_labels
 
 ROOT = Path(__file__).resolve().parent.parent
 

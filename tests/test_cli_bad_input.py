@@ -107,8 +107,10 @@ CASES = [
     recipe_case("unknown key", smoke(surprise=1), "unknown key 'surprise'"),
     recipe_case("misspelt nested key", smoke(fft__learning_rat=1e-3), "unknown key 'fft.learning_rat'"),
     recipe_case("missing data", smoke(data=...), "missing required key 'data'"),
-    recipe_case("arms need fft", smoke(arms=["baseline", "mft"]), "add 'fft' to arms"),
-    recipe_case("unknown arm", smoke(arms=["baseline", "dpo"]), "arms"),
+    recipe_case("arms need fft", smoke(arms=["pretrained", "mft"]), "add 'fft' to arms"),
+    recipe_case("unknown arm", smoke(arms=["pretrained", "dpo"]), "arms: unknown arm 'dpo'"),
+    recipe_case("arm of an earlier version", smoke(arms=["baseline", "fft"]),
+                "arm 'baseline' is now called 'pretrained'"),
     recipe_case("empty layer list", smoke(mask__layers=[]), "mask.layers"),
     recipe_case("negative layer", smoke(mask__layers=[-1]), "mask.layers"),
     override_case("mask ratio above 1", "mask.mask_ratio=1.5", "mask.mask_ratio: must be in (0, 1)"),
@@ -246,7 +248,7 @@ def _run_as_nobody(argv: list[str], capsys) -> tuple[int, str]:
     """The command in a forked process that dropped root for user 'nobody' (root writes into read-only folders, so
     a read-only folder means nothing to it). The modules it needs are imported first: the interpreter's own files
     may be closed to other users."""
-    from mft_bench import pipeline  # noqa: F401
+    from mft_bench import run, stage_runners  # noqa: F401
     from mft_bench.train import strategy  # noqa: F401
 
     assert main(["plan", str(SMOKE_PATH), "--out", "/nonexistent"]) == 0

@@ -77,14 +77,14 @@ def _run_folder(root: Path, *, export_dtype: torch.dtype, master_dtype: torch.dt
                              "work/exports/step-2/model.safetensors": {"w": weight.to(torch.bfloat16)}})
     _stage(root, "mft-abc", {"masks.safetensors": {"bits": torch.zeros(4, dtype=torch.uint8)}})
     _stage(root, "eval-fft-last-gsm8k-abc", {}, manifest=manifests)
-    (root / "run.json").write_text(json.dumps({"arms": ["baseline", "fft"]}))
+    (root / "run.json").write_text(json.dumps({"arms": ["pretrained", "fft"]}))
     (root / "report.json").write_text(json.dumps({
         "benchmarks": {"gsm8k": {}}, "rows": [{"arm": arm, "benchmark": "gsm8k"} for arm in rows]}))
     return root
 
 
 def test_smoke_verify_passes_a_complete_bf16_run(tmp_path: Path) -> None:
-    run = _run_folder(tmp_path, export_dtype=torch.bfloat16, master_dtype=torch.float32, rows=["baseline", "fft"])
+    run = _run_folder(tmp_path, export_dtype=torch.bfloat16, master_dtype=torch.float32, rows=["pretrained", "fft"])
     checked, problems = device_smoke_verify.verify(run, "bfloat16")
     assert problems == []
     assert "3 evaluable safetensors files in BF16, 1 resume checkpoints in F32" in checked
@@ -98,7 +98,7 @@ def test_smoke_verify_flags_each_defect(tmp_path: Path) -> None:
         "stage eval-fft-last-gsm8k-abc: no manifest.json",
         "stages/fft-abc/model/model.safetensors: tensors in ['F32'], expected only BF16",
         "stages/fft-abc/work/checkpoint-2/model.safetensors: trained weights ['BF16'], expected fp32 master copies",
-        "report: no row for arm baseline on gsm8k",
+        "report: no row for arm pretrained on gsm8k",
     ]
 
 

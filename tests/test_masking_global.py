@@ -21,8 +21,8 @@ from mft_bench.errors import MftBenchError
 from mft_bench.masking import attach_masks, baseline_masks, current_masks, removed_counts
 from mft_bench.masking.masked_linear import wrappers
 from mft_bench.masking.selection import official_percentile, signed_threshold_for_ratio
-from mft_bench.plan import build_plan
 from mft_bench.recipe import MaskSpec, load_recipe
+from mft_bench.stages import build_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 64

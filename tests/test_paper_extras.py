@@ -11,7 +11,7 @@ import pytest
 from mft_bench.report import write_paper_table
 from mft_bench.report.paper_numbers import load_paper_numbers
 
-ARMS = ["baseline", "fft", "mft", "lora", "random_mask", "magnitude_mask"]
+ARMS = ["pretrained", "fft", "mft", "lora", "random_mask", "magnitude_mask"]
 
 
 def fake_report(run_dir: Path, *, domain: str, key: str, values: dict[str, dict[str, float]]) -> Path:
@@ -33,8 +33,8 @@ def fake_report(run_dir: Path, *, domain: str, key: str, values: dict[str, dict[
     return run_dir
 
 
-HUMANEVAL = {"baseline": 0.25, "fft": 0.30, "mft": 0.33, "lora": 0.28, "random_mask": 0.29, "magnitude_mask": 0.2}
-HUMANEVAL_PLUS = {"baseline": 0.21, "fft": 0.24, "mft": 0.28, "lora": 0.25, "random_mask": 0.22, "magnitude_mask": 0.1}
+HUMANEVAL = {"pretrained": 0.25, "fft": 0.30, "mft": 0.33, "lora": 0.28, "random_mask": 0.29, "magnitude_mask": 0.2}
+HUMANEVAL_PLUS = {"pretrained": 0.21, "fft": 0.24, "mft": 0.28, "lora": 0.25, "random_mask": 0.22, "magnitude_mask": 0.1}
 
 
 @pytest.fixture
@@ -68,7 +68,7 @@ def test_coding_domain_average_is_the_mean_of_humaneval_and_plus(tables):
 def test_extra_benchmarks_sit_beside_the_official_readme(tables):
     data, _ = tables
     plus = {r["arm"]: r for r in data["extras"] if r["what"] == "humaneval_plus" and r["recipe"] == "llama2-7b-coding"}
-    assert (plus["baseline"]["paper_value"], plus["fft"]["paper_value"], plus["mft"]["paper_value"]) == (22.4, 25.0, 29.9)
+    assert (plus["pretrained"]["paper_value"], plus["fft"]["paper_value"], plus["mft"]["paper_value"]) == (22.4, 25.0, 29.9)
     assert plus["mft"]["paper_delta_vs_fft"] == pytest.approx(4.9) and plus["lora"]["paper_value"] is None
     math = {r["arm"]: r for r in data["extras"] if r["what"] == "lm_eval:minerva_math"}
     assert (math["fft"]["paper_value"], math["mft"]["paper_value"]) == (6.7, 7.6)

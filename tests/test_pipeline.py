@@ -20,7 +20,7 @@ MINI = {
     "seed": 0,
     "backbone": {"name": "tiny:llama"},
     "data": {"sources": [{"name": "synthetic_math", "rows": 24}], "validation_rows": 4, "max_length": 192},
-    "arms": ["baseline", "fft", "mft", "random_mask"],
+    "arms": ["pretrained", "fft", "mft", "random_mask"],
     "mask": {"layers": [2, 3], "mask_ratio": 0.1},
     "fft": {"epochs": 2, "learning_rate": 1e-3, "global_batch_size": 2, "per_device_batch_size": 2,
             "warmup_ratio": 0.0, "resume_every_steps": 2},
@@ -86,7 +86,7 @@ def test_run_writes_report_for_every_arm(reference_run):
     _, run_dir = reference_run
     report = json.loads((run_dir / "report.json").read_text())
     arms = {row["arm"] for row in report["rows"]}
-    assert {"baseline", "fft", "mft", "random_mask"} <= arms or {"pretrained", "fft", "mft", "random_mask"} <= arms
+    assert {"pretrained", "fft", "mft", "random_mask"} <= arms
     for row in report["rows"]:
         assert row["n"] == 6 and row["ci_low"] <= row["value"] <= row["ci_high"]
     run = json.loads((run_dir / "run.json").read_text())
@@ -177,8 +177,8 @@ def test_evaluations_in_fresh_processes_write_the_same_records(reference_run, tm
     path.write_text(yaml.safe_dump(fresh))
     assert main(["run", str(path), "--out", str(tmp_path / "run")]) == 0
     assert _outputs(tmp_path / "run") == _outputs(reference_dir)
-    (baseline_eval,) = (tmp_path / "run" / "stages").glob("eval-baseline-*")
-    assert (baseline_eval / "model" / "config.json").is_file()
+    (pretrained_eval,) = (tmp_path / "run" / "stages").glob("eval-pretrained-*")
+    assert (pretrained_eval / "model" / "config.json").is_file()
 
 
 def test_checkpoints_selected_on_validation_and_labelled_when_on_test(tmp_path):
@@ -187,7 +187,7 @@ def test_checkpoints_selected_on_validation_and_labelled_when_on_test(tmp_path):
     checkpoint on the test benchmark, which the plan ran before them."""
     from mft_bench.masking import load_masks
 
-    recipe = {**MINI, "name": "mini-ckpt", "arms": ["baseline", "fft", "mft", "lora", "l1_mask"]}
+    recipe = {**MINI, "name": "mini-ckpt", "arms": ["pretrained", "fft", "mft", "lora", "l1_mask"]}
     for arm in ("fft", "mft"):
         recipe[arm] = {**MINI[arm], "save_every": 0.5}
     recipe["lora"] = {**MINI["fft"], "save_every": 0.5, "r": 4, "alpha": 8}
@@ -226,7 +226,7 @@ def test_checkpoints_selected_on_validation_and_labelled_when_on_test(tmp_path):
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     arms = {row["arm"] for row in report["rows"]}
     assert {"fft@val", "mft@val", "lora@val", "fft@test", "mft@test", "lora@test"} <= arms
-    assert not {"baseline@test", "l1_mask@test"} & arms  # one checkpoint: nothing to select
+    assert not {"pretrained@test", "l1_mask@test"} & arms  # one checkpoint: nothing to select
     markdown = (tmp_path / "run" / "report.md").read_text()
     assert "mft (test-selected‡)" in markdown and "## Test-selected checkpoints" in markdown
     assert "optimistic" in markdown and "## Mask starting point" in markdown
@@ -234,7 +234,7 @@ def test_checkpoints_selected_on_validation_and_labelled_when_on_test(tmp_path):
 
 def test_lm_eval_task_through_the_pipeline(tmp_path, shared_data, monkeypatch):
     monkeypatch.setenv("MFT_BENCH_DATA_DIR", str(shared_data))
-    recipe = {**MINI, "name": "mini-lm-eval", "arms": ["baseline"],
+    recipe = {**MINI, "name": "mini-lm-eval", "arms": ["pretrained"],
               "evaluation": {"batch_size": 4, "benchmarks": [
                   {"name": "lm_eval:gsm8k_local", "limit": 2,
                    "options": {"num_fewshot": 0, "gen_kwargs": {"max_gen_toks": 8}}}]}}
@@ -249,7 +249,7 @@ def test_lm_eval_task_through_the_pipeline(tmp_path, shared_data, monkeypatch):
 def test_fft_continued_is_mft_compute_matched(tmp_path):
     """The control arm trains the FFT model on for exactly MFT's optimizer steps, on the same rows in the same
     order (equal tokens seen at every step), with FFT's learning rate and schedule shape, and is compared with MFT."""
-    recipe = {**MINI, "name": "mini-control", "arms": ["baseline", "fft", "mft", "fft_continued"]}
+    recipe = {**MINI, "name": "mini-control", "arms": ["pretrained", "fft", "mft", "fft_continued"]}
     recipe["mft"] = {**MINI["mft"], "epochs": 1}  # MFT shorter than FFT: the control follows MFT's length
     path = tmp_path / "control.yaml"
     path.write_text(yaml.safe_dump(recipe))

@@ -24,7 +24,7 @@ RECIPE = {
     "seed": 0,
     "backbone": {"name": "tiny:llama"},
     "data": {"sources": [{"name": "synthetic_math", "rows": 20}], "validation_rows": 4, "max_length": 384},
-    "arms": ["baseline", "fft", "mft", "lora", "random_mask"],
+    "arms": ["pretrained", "fft", "mft", "lora", "random_mask"],
     "mask": {"layers": [2, 3], "mask_ratio": 0.1},
     # 16 training rows, 4 a step: 4 steps; 2 rows per process and micro-batch, so 1 process accumulates 2
     "fft": {"epochs": 1, "learning_rate": 1e-3, "global_batch_size": 4, "per_device_batch_size": 2,
@@ -84,7 +84,7 @@ def fp32_runs(tmp_path_factory):
 def bf16_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bf16")
     recipe = _write(tmp, name="mini-bf16", backbone={"name": "tiny:llama", "dtype": "bfloat16"},
-                    arms=["baseline", "fft", "mft", "lora"])
+                    arms=["pretrained", "fft", "mft", "lora"])
     assert main(["run", str(recipe), "--out", str(tmp / "one")]) == 0
     _two_processes([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                     "-m", "mft_bench.cli", "run", str(recipe), "--out", str(tmp / "two")])

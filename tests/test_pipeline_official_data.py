@@ -8,9 +8,10 @@ import datasets
 import pytest
 
 from mft_bench.backbone import byte_tokenizer
-from mft_bench.pipeline import ModelCache, run_data_stage
-from mft_bench.plan import build_plan
 from mft_bench.recipe import load_recipe, validate_recipe
+from mft_bench.stage_models import ModelCache
+from mft_bench.stage_runners import run_data_stage
+from mft_bench.stages import build_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 PAPER_RECIPES = sorted((ROOT / "tasks" / "paper").glob("*.yaml"))
@@ -33,7 +34,7 @@ def test_data_stage_writes_the_official_rows_in_the_tulu_format(tmp_path):
                               for i in range(30)))
     recipe = validate_recipe(_recipe(source, selection="official", chat_template="tulu"))
     stage = next(s for s in build_plan(recipe, tmp_path / "run") if s.name == "data")
-    counts = run_data_stage(recipe, stage, ModelCache(recipe))["counts"]
+    counts = run_data_stage(recipe, stage, {}, ModelCache(recipe))["counts"]
     assert counts["train"]["rows"] == 8 and counts["validation"]["rows"] == 3
     official = datasets.Dataset.from_json(str(source)).shuffle(seed=42)["messages"][:11]
     tok = byte_tokenizer()

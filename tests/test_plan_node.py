@@ -8,9 +8,9 @@ import pytest
 
 from mft_bench.cli import main, resolve_recipe
 from mft_bench.estimate import GIB, KNOWN_SHAPES, hardware_by_name
-from mft_bench.plan import MANIFEST, Stage, build_plan
 from mft_bench.plan_cost import StageCost, stage_costs, wall_seconds
 from mft_bench.recipe import load_recipe
+from mft_bench.stages import MANIFEST, Stage, build_plan
 
 LLAMA2 = KNOWN_SHAPES["meta-llama/Llama-2-7b-hf"]
 
@@ -46,12 +46,12 @@ def test_fsdp_per_gpu_memory_is_the_sharded_state_plus_one_micro_batch(tmp_path)
     assert 16 * LLAMA2.n_params / 8 < fft.memory_bytes < 16 * LLAMA2.n_params / 8 + 8 * GIB
     assert fft.fits and fft.runs_on == "fsdp x8"
     # the strategy is the one a run on that node would choose
-    from mft_bench.pipeline import train_config
+    from mft_bench.translate import run_context
 
     recipe = _paper()
     memory = hardware_by_name("a100-80gb").memory_bytes
-    assert train_config(recipe, "fft", 8, device_bytes=memory).strategy == "fsdp"
-    assert train_config(recipe, "mft", 8, device_bytes=memory).strategy == "ddp"
+    assert run_context(recipe, "fft", 8, device_bytes=memory).strategy == "fsdp"
+    assert run_context(recipe, "mft", 8, device_bytes=memory).strategy == "ddp"
 
 
 def test_training_scales_with_the_gpu_count(tmp_path):

@@ -138,10 +138,10 @@ def test_best_test_start_needs_the_labelled_test_selection():
 
 
 def test_the_compute_matched_control_has_ffts_update_and_mfts_length():
-    recipe = load_recipe(ROOT / "tasks" / "smoke.yaml", ["arms=[baseline, fft, mft, fft_continued]",
+    recipe = load_recipe(ROOT / "tasks" / "smoke.yaml", ["arms=[pretrained, fft, mft, fft_continued]",
                                                           "mft.epochs=2", "mft.save_every=0.5"])
     control = recipe.train_spec("fft_continued")
     assert (control.learning_rate, control.epochs, control.save_every) == (recipe.fft.learning_rate, 2, 0.5)
     assert control.global_batch_size == recipe.mft.global_batch_size
     with pytest.raises(MftBenchError, match="start from the FFT model"):
-        load_recipe(ROOT / "tasks" / "smoke.yaml", ["arms=[baseline, fft_continued]"])
+        load_recipe(ROOT / "tasks" / "smoke.yaml", ["arms=[pretrained, fft_continued]"])

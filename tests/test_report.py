@@ -14,8 +14,8 @@ from mft_bench.report import build_report, write_paper_table, write_report
 from mft_bench.atomic import dumps_json
 from mft_bench.report.plots import mask_stats_frame, overlap_value, plot_mask_frames
 
-ARMS = ["baseline", "fft", "mft", "lora", "random_mask", "magnitude_mask"]
-GSM8K_RATE = {"baseline": 0.1, "fft": 0.45, "mft": 0.47, "lora": 0.35, "random_mask": 0.4, "magnitude_mask": 0.3}
+ARMS = ["pretrained", "fft", "mft", "lora", "random_mask", "magnitude_mask"]
+GSM8K_RATE = {"pretrained": 0.1, "fft": 0.45, "mft": 0.47, "lora": 0.35, "random_mask": 0.4, "magnitude_mask": 0.3}
 N_GSM8K, N_IFEVAL = 300, 60
 
 
@@ -137,7 +137,7 @@ def test_comparisons_cover_every_arm_vs_fft_and_mft_vs_every_arm(run_and_report)
     assert mft_fft["diff"] == pytest.approx(8 / N_GSM8K)
     assert mft_fft["test"] == "mcnemar" and mft_fft["discordant"] == 8
     assert mft_fft["p_value"] == pytest.approx(2 / 2 ** 8) and mft_fft["significant"]
-    base = _cmp(report, "baseline", "fft", "gsm8k", "exact_match")
+    base = _cmp(report, "pretrained", "fft", "gsm8k", "exact_match")
     assert base["diff"] < 0 and base["significant"] and base["ci_high"] < 0
     inst = _cmp(report, "mft", "fft", "ifeval", "inst_level_strict_acc")
     assert inst["test"] == "bootstrap"
@@ -230,8 +230,8 @@ def test_paper_table_marks_read_off_numbers(tmp_path):
     run_dir = make_run(tmp_path / "run31", checkpoints=False, paper_key="llama3.1-8b")
     write_paper_table([run_dir], tmp_path / "out")
     rows = json.loads((tmp_path / "out" / "paper_table.json").read_text())["rows"]
-    baseline = next(r for r in rows if r["arm"] == "baseline")
-    assert baseline["paper_value"] == 55.9 and baseline["paper_read_off"] is True
+    pretrained = next(r for r in rows if r["arm"] == "pretrained")
+    assert pretrained["paper_value"] == 55.9 and pretrained["paper_read_off"] is True
     markdown = (tmp_path / "out" / "paper_table.md").read_text()
     assert "≈55.9 (-21.1)" in markdown and "| 77.0 |" in markdown and "paper (test-selected)" in markdown
     assert "$\\approx$55.9" in (tmp_path / "out" / "paper_table.tex").read_text()
@@ -254,14 +254,14 @@ def test_shipped_paper_files_load_with_their_sources():
         assert data["key"] == key and data["selection"] == "test-selected" and data["source"]["commit"]
         assert set(data["domains"]) == {"math", "coding", "instruction"}
         for entry in data["domains"].values():
-            assert set(entry["values"]) == {"baseline", "fft", "lora", "random_mask", "l1_mask", "mft"}
+            assert set(entry["values"]) == {"pretrained", "fft", "lora", "random_mask", "l1_mask", "mft"}
             assert entry["source"]
         assert data["abstract"]["domain"] == "coding"
     llama2, llama31 = load_paper_numbers("llama2-7b"), load_paper_numbers("llama3.1-8b")
     assert llama2["abstract"]["mft_gain_vs_fft"] == 1.95 and llama31["abstract"]["mft_gain_vs_fft"] == 1.88
     rerun = llama2["domains"]["instruction"]["official_readme"]["benchmarks"]["ifeval"]
     assert rerun["fft"] == 35.7 and rerun["mft"] == 40.9
-    assert all(entry.get("read_off") == ["baseline"] for entry in llama31["domains"].values())
+    assert all(entry.get("read_off") == ["pretrained"] for entry in llama31["domains"].values())
     assert {d: e["values"]["mft"] for d, e in llama31["domains"].items()} == {
         "math": 77.3, "coding": 53.7, "instruction": 65.8}
     notes = " ".join(llama2["notes"]) + " ".join(llama31["notes"])

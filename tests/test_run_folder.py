@@ -20,7 +20,7 @@ RECIPE = {
     "seed": 0,
     "backbone": {"name": "tiny:llama"},
     "data": {"sources": [{"name": "synthetic_math", "rows": 16}], "validation_rows": 4, "max_length": 384},
-    "arms": ["baseline", "fft", "lora"],
+    "arms": ["pretrained", "fft", "lora"],
     "mask": {"layers": [2, 3]},
     "fft": {"epochs": 1, "learning_rate": 1e-3, "global_batch_size": 4, "per_device_batch_size": 4,
             "warmup_ratio": 0.0, "resume_every_steps": 1},
@@ -88,7 +88,7 @@ def test_a_deleted_model_of_a_finished_stage_is_restored(reference, tmp_path, ca
 
 def test_force_leaves_no_reference_to_a_moved_folder(reference, tmp_path, monkeypatch):
     """A --force run that dies before it ends leaves no run.json naming the folders it moved away."""
-    import mft_bench.pipeline as pipeline
+    from mft_bench.stage_runners import RUNNERS, StageRunner
 
     recipe, reference_dir = reference
     run_dir = _copy(reference_dir, tmp_path)
@@ -96,7 +96,7 @@ def test_force_leaves_no_reference_to_a_moved_folder(reference, tmp_path, monkey
     def crash(*args, **kwargs):
         raise RuntimeError("evaluation died")
 
-    monkeypatch.setattr(pipeline, "run_eval_stage", crash)
+    monkeypatch.setitem(RUNNERS, "eval", StageRunner(crash, runs_on="shared"))
     with pytest.raises(RuntimeError, match="evaluation died"):
         main(["run", str(recipe), "--out", str(run_dir), "--force", "eval"])
     if (run_dir / "run.json").exists():

@@ -42,7 +42,7 @@ def test_variants_share_the_stages_they_have_in_common(swept):
     assert len(_folders(swept, "fft")) == 1  # FFT trained once for three variants
     assert len(_folders(swept, "mft")) == 3
     assert len(_folders(swept, "random_mask")) == 2  # the learning-rate variant reuses the base's random mask
-    assert len(_folders(swept, "eval-baseline-last")) == 1 and len(_folders(swept, "eval-fft-last")) == 1
+    assert len(_folders(swept, "eval-pretrained-last")) == 1 and len(_folders(swept, "eval-fft-last")) == 1
     fft_evaluations = set()
     for name in EXPECTED:
         run = json.loads((swept / "variants" / name / "run.json").read_text())
@@ -165,7 +165,7 @@ def test_unknown_axis_on_the_command_line_and_a_sweep_run_as_a_recipe(tmp_path, 
 def test_paper_ablations_share_one_fft_across_every_variant(tmp_path, capsys):
     sweep = load_sweep(PAPER_ABLATIONS)
     assert sweep.base.mask.layers == [4, 5, 6, 7] and sweep.base.mft.learning_rate == 2e-5
-    assert sweep.base.arms == ["baseline", "fft", "mft", "random_mask"]
+    assert sweep.base.arms == ["pretrained", "fft", "mft", "random_mask"]
     assert set(sweep.axes) == {"mask.layers", "mask.mask_ratio", "mft.learning_rate", "mask.mode"}
     assert len(sweep.axes["mask.layers"]) == 8 and sweep.axes["mask.mode"] == [
         "local", "global-abs-exact", "global-signed-threshold"]

@@ -198,7 +198,7 @@ def test_gguf_quantizer_released_other_quantization_refused():
 def test_an_arm_that_cannot_fit_one_gpu_is_refused_before_anything_runs():
     from pathlib import Path
 
-    from mft_bench.pipeline import refuse_what_cannot_fit
+    from mft_bench.translate import refuse_what_cannot_fit
     from mft_bench.recipe import load_recipe
 
     recipe = load_recipe(Path(__file__).resolve().parents[1] / "tasks" / "paper" / "llama2-7b-math.yaml")

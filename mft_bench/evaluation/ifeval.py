@@ -43,7 +43,7 @@ from types import ModuleType
 from typing import Any
 
 from mft_bench.errors import MftBenchError
-from mft_bench.evaluation.base import GenerationRequest, Item
+from mft_bench.evaluation.base import BenchmarkFacts, GenerationRequest, Item
 from mft_bench.evaluation.common import load_rows, mean_stderr
 
 logger = logging.getLogger(__name__)
@@ -169,12 +169,16 @@ def ratio_stderr(successes: list[float], sizes: list[float]) -> dict[str, float]
     return {"mean": ratio, "stderr": math.sqrt(residual_var / n) / mean_size}
 
 
+FACTS = {"ifeval": BenchmarkFacts(items=541, prompt_tokens=60, new_tokens=400, domain="instruction", headline=True)}
+
+
 class IFEval:
     """The 541 IFEval prompts, zero-shot raw text, strict and loose instruction checks."""
 
     name = "ifeval"
     prompt_version = "1"
     scorer_version = "2"
+    prompt_options = ()
     primary_metric = "inst_level_loose_acc"
 
     def __init__(self, max_new_tokens: int = 1280, data_dir: str | None = None) -> None:

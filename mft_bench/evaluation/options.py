@@ -9,13 +9,12 @@ Options are checked, never converted: what the recipe says is what the stage key
 
 from __future__ import annotations
 
-import inspect
-import typing
 from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, ValidationError, create_model
 
 from mft_bench.errors import MftBenchError
+from mft_bench.evaluation.base import constructor_options
 from mft_bench.recipe import SEED_MAX
 
 LM_EVAL_OPTIONS = ("num_fewshot", "seeds", "include_path", "gen_kwargs", "bootstrap_iters")
@@ -42,25 +41,6 @@ _STRICT = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid")  # "16" i
 
 def _plural(names: list[str]) -> str:
     return ("option " if len(names) == 1 else "options ") + ", ".join(repr(n) for n in names)
-
-
-def constructor_options(cls: type) -> dict[str, tuple[Any, Any]]:
-    """Keyword argument -> (type, default) of ``cls``'s constructor, following ``**kwargs`` to the base class."""
-    options: dict[str, tuple[Any, Any]] = {}
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        hints = typing.get_type_hints(init)
-        passes_on = False
-        for name, parameter in inspect.signature(init).parameters.items():
-            if parameter.kind is inspect.Parameter.VAR_KEYWORD:
-                passes_on = True
-            elif name != "self" and parameter.kind is not inspect.Parameter.VAR_POSITIONAL:
-                options.setdefault(name, (hints.get(name, Any), parameter.default))
-        if not passes_on:
-            break
-    return options
 
 
 def validate_options(name: str, options: dict[str, Any]) -> None:

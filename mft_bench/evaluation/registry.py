@@ -1,8 +1,10 @@
-"""Benchmark names a recipe may use, and how each is built.
+"""Benchmark names a recipe may use, how each is built, and what is known of it before it runs.
 
 Names are checked without importing any benchmark module (``validate_benchmark_name``);
-``benchmark_class`` and ``make_benchmark`` import only the module of the benchmark asked for (options are
-checked against its constructor: ``mft_bench.evaluation.options``).
+``benchmark_class``, ``make_benchmark`` and ``benchmark_facts`` import only the module of the benchmark asked for
+(options are checked against its constructor: ``mft_bench.evaluation.options``). Each benchmark module declares
+its own facts (``FACTS``: domain, validation split, whether it runs code, the shapes the cost model needs) and
+its class its prompt and scorer versions; everything here is derived from them.
 ``lm_eval:<task>`` names are not generation benchmarks of ours: the runner hands them to lm-eval
 (``mft_bench.evaluation.lm_eval_task.run_lm_eval_task``).
 """
@@ -13,7 +15,7 @@ import importlib
 from typing import Any
 
 from mft_bench.errors import MftBenchError
-from mft_bench.evaluation.base import Benchmark
+from mft_bench.evaluation.base import Benchmark, BenchmarkFacts, constructor_options
 
 LM_EVAL_PREFIX = "lm_eval:"
 LM_EVAL_RUN_VERSION = "2"  # how we call lm-eval (seeds, options); in the stage key, so a change reruns cached tasks
@@ -29,7 +31,8 @@ _SPECS: dict[str, tuple[str, str, dict[str, Any]]] = {
 }
 
 BENCHMARK_NAMES: tuple[str, ...] = tuple(_SPECS)
-CODE_BENCHMARKS = ("humaneval", "humaneval_plain", "humaneval_plus")  # run model-written code: take ``sandbox``
+# an lm-eval task, typical shapes (its own protocol decides them)
+LM_EVAL_FACTS = BenchmarkFacts(items=1000, prompt_tokens=300, new_tokens=50)
 
 
 def is_lm_eval(name: str) -> bool:
@@ -86,7 +89,7 @@ def make_benchmark(name: str, options: dict[str, Any] | None = None, data_dir: s
     if clash:
         raise MftBenchError(f"benchmark '{name}' fixes option(s) {', '.join(clash)}; remove them from its options")
     kwargs = {**fixed, **(options or {})}
-    if sandbox is not None and name in CODE_BENCHMARKS:
+    if sandbox is not None and benchmark_facts(name).runs_code:
         kwargs.setdefault("sandbox", sandbox)
     if data_dir is not None:
         kwargs["data_dir"] = data_dir
@@ -96,18 +99,34 @@ def make_benchmark(name: str, options: dict[str, Any] | None = None, data_dir: s
         raise MftBenchError(f"benchmark '{name}': bad options {sorted(options or {})}: {exc}") from exc
 
 
-def benchmark_versions(name: str) -> str:
-    """``"<prompt>/<scorer>"`` versions of a benchmark (class attributes: nothing is loaded); for
-    ``lm_eval:<task>``, the lm-eval version and ``LM_EVAL_RUN_VERSION`` (task versions are recorded in its
-    metrics)."""
+def benchmark_facts(name: str) -> BenchmarkFacts:
+    """What benchmark ``name`` declares of itself (``BenchmarkFacts``); lm-eval tasks share ``LM_EVAL_FACTS``."""
+    validate_benchmark_name(name)
+    if is_lm_eval(name):
+        return LM_EVAL_FACTS
+    return importlib.import_module(f"mft_bench.evaluation.{_SPECS[name][0]}").FACTS[name]
+
+
+def headline_benchmarks() -> dict[str, str]:
+    """Domain -> the benchmark that heads it (the paper table's column)."""
+    return {facts.domain: name for name in BENCHMARK_NAMES if (facts := benchmark_facts(name)).headline}
+
+
+def benchmark_versions(name: str, options: dict[str, Any] | None = None) -> str:
+    """``"<prompt>/<scorer>"`` versions of a benchmark with ``options`` (class attributes: nothing is loaded); the
+    prompt part names each option that changes the prompt (``prompt_options``) when it differs from its default,
+    e.g. ``1+num_fewshot=4/1``. For ``lm_eval:<task>``, the lm-eval version and ``LM_EVAL_RUN_VERSION`` (task
+    versions are recorded in its metrics)."""
     validate_benchmark_name(name)
     if is_lm_eval(name):
         from importlib.metadata import version
 
         return f"lm-eval {version('lm_eval')}/{LM_EVAL_RUN_VERSION}"
-    module_name, class_name, _ = _SPECS[name]
-    cls = getattr(importlib.import_module(f"mft_bench.evaluation.{module_name}"), class_name)
-    return f"{cls.prompt_version}/{cls.scorer_version}"
+    cls, _ = benchmark_class(name)
+    defaults = constructor_options(cls)
+    chosen = [f"{key}={options[key]}" for key in cls.prompt_options
+              if key in (options or {}) and options[key] != defaults[key][1]]
+    return f"{'+'.join([str(cls.prompt_version), *chosen])}/{cls.scorer_version}"
 
 
 def metric_notes(name: str) -> dict[str, str]:

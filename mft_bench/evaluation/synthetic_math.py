@@ -18,7 +18,7 @@ from typing import Any
 
 from mft_bench.data.synthetic_math import SPLITS
 from mft_bench.errors import MftBenchError
-from mft_bench.evaluation.base import GenerationRequest, Item
+from mft_bench.evaluation.base import BenchmarkFacts, GenerationRequest, Item
 from mft_bench.evaluation.common import aggregate_scores, short_hash
 from mft_bench.evaluation.gsm8k import exact_match_scores, gold_answer
 
@@ -35,12 +35,18 @@ def _generate(split: str, n: int, seed: int) -> list[dict[str, Any]]:
     return list(generate(split=split, n=n, seed=seed))
 
 
+# items generated on demand (option n); a held-out validation split of its own (option split)
+FACTS = {"synthetic_math": BenchmarkFacts(items=200, prompt_tokens=80, new_tokens=100, items_option="n", domain="math",
+                                          validation_split=True)}
+
+
 class SyntheticMath:
     """``n`` generated test problems (seeded, deterministic), zero-shot chat prompts."""
 
     name = "synthetic_math"
     prompt_version = "1"
     scorer_version = "1"
+    prompt_options = ()
     primary_metric = "exact_match_flexible"
     metrics = ("exact_match_strict", "exact_match_flexible")
     metric_notes = {

@@ -11,12 +11,14 @@ import math
 from pathlib import Path
 from typing import Any
 
+from mft_bench.arms import paper_arms
 from mft_bench.errors import MftBenchError
+from mft_bench.evaluation.registry import headline_benchmarks
 from mft_bench.report.collect import VAL_SUFFIX, read_json
 from mft_bench.resources import paper_numbers_dir
 
-PAPER_ARMS = ("baseline", "fft", "lora", "random_mask", "magnitude_mask", "l1_mask", "mft")
-DOMAIN_BENCHMARKS = {"math": "gsm8k", "coding": "humaneval", "instruction": "ifeval"}
+PAPER_ARMS = paper_arms()
+DOMAIN_BENCHMARKS = headline_benchmarks()
 SELECTIONS = ("last", "val", "test-selected")  # how a number's checkpoint was chosen
 READ_OFF_MARK = "≈"
 

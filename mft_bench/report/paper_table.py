@@ -16,6 +16,7 @@ from typing import Any
 
 import pandas as pd
 
+from mft_bench.arms import arm_labels
 from mft_bench.atomic import dumps_json, write_text_atomic
 from mft_bench.errors import MftBenchError
 from mft_bench.report.build import build_report
@@ -33,10 +34,7 @@ from mft_bench.report.tables import latex_escape
 
 log = logging.getLogger(__name__)
 
-ARM_LABELS = {
-    "baseline": "Pretrained", "fft": "FFT", "lora": "LoRA", "random_mask": "Random mask",
-    "magnitude_mask": "Magnitude mask", "l1_mask": "L1 mask (rows)", "mft": "MFT",
-}
+ARM_LABELS = arm_labels()
 
 
 def paper_rows(report: dict[str, Any]) -> list[dict[str, Any]]:

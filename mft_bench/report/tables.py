@@ -1,6 +1,6 @@
 """Per-recipe tables of a report: Markdown, CSV (tidy, pandas) and LaTeX (booktabs, hand-written).
 
-Wide layout (Markdown, LaTeX): rows are arms ("pretrained" for the baseline, "<arm> (val-selected)" for
+Wide layout (Markdown, LaTeX): rows are arms ("<arm>", "<arm> (val-selected)" for
 validation-selected checkpoints), columns are ``benchmark:metric``; a cell is
 ``value [ci_low, ci_high] (Δ vs FFT)`` in points, with ``†`` when the paired test is significant.
 When the run names a paper backbone, a ``paper`` column stands beside the headline benchmark.
@@ -30,10 +30,8 @@ TEST_SELECTED_NOTE = ("test-selected‡: the checkpoint best on this test benchm
 
 
 def display_arm(arm: str) -> str:
-    """Row label of an arm: ``baseline`` -> ``pretrained``; ``x@val`` -> ``x (val-selected)``; ``x@test`` ->
-    ``x (test-selected‡)``."""
-    base, selection = split_arm(arm)
-    label = "pretrained" if base == "baseline" else base
+    """Row label of an arm: its name; ``x@val`` -> ``x (val-selected)``; ``x@test`` -> ``x (test-selected‡)``."""
+    label, selection = split_arm(arm)
     return {"last": label, "val": f"{label} (val-selected)", "test-selected": f"{label} (test-selected‡)"}[selection]
 
 

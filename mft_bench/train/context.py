@@ -15,7 +15,7 @@ STRATEGIES = ("ddp", "fsdp")
 
 @dataclass(frozen=True)
 class RunContext:
-    """The run-time facts of one training stage (``pipeline.train_config`` derives them from the recipe).
+    """The run-time facts of one training stage (``translate.run_context`` derives them from the recipe).
 
     ``gradient_accumulation_steps``: micro-batches per optimizer step on each process, the spec's global batch
     over ``per_device_batch_size`` x processes (``TrainSpec.accumulation_steps``). ``compute_dtype``: the

@@ -16,6 +16,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+from mft_bench.arms import shardable_arms
 from mft_bench.errors import MftBenchError
 
 logger = logging.getLogger(__name__)
@@ -23,8 +24,8 @@ logger = logging.getLogger(__name__)
 # accelerate launch --config_file <fsdp|deepspeed>.yaml sets these for every Accelerator of the process, which
 # would shard MFT and LoRA too; mft-bench chooses each arm's strategy itself.
 LAUNCHER_STRATEGY_VARIABLES = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
-# full fine-tuning (and its compute-matched continuation) may shard; MFT and LoRA read whole weights
-SHARDABLE_ARMS = ("fft", "fft_continued")
+# full fine-tuning (and its compute-matched continuation) may shard; MFT and LoRA read whole weights (arms.Arm)
+SHARDABLE_ARMS = shardable_arms()
 
 
 def resolve_strategy(arm: str, requested: str, *, world_size: int, replica_bytes: int | None,

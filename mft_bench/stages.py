@@ -1,4 +1,9 @@
-"""The stage DAG of a recipe: content-addressed stage folders, manifests, cache status.
+"""The stage graph of a recipe, whole before anything runs: content-addressed stage folders, manifests, cache status.
+
+Stages: ``data``; one per arm that has a stage of its own (``arms.Arm.stage``: a training or a mask stage named
+after the arm); and one evaluation per arm x evaluated checkpoint x benchmark x split (``evaluation_stage``, the
+only place an evaluation's key is built). ``run.py`` runs them in this order; ``stage_runners.py`` holds what
+each kind of stage does.
 
 Each stage's folder is ``RUN_DIR/stages/<name>-<hash>`` where the hash covers everything the stage's output
 depends on: its config subtree, the hashes of its upstream stages and the versions of packages that change
@@ -18,7 +23,9 @@ from typing import Any
 
 from mft_bench.atomic import write_json_atomic
 from mft_bench.errors import MftBenchError
-from mft_bench.recipe import MASK_BASELINES, TRAINED_ARMS, Recipe, stable_hash
+from mft_bench.arms import ARMS, RENAMED_ARMS
+from mft_bench.evaluation.registry import benchmark_facts, benchmark_versions
+from mft_bench.recipe import BenchmarkSpec, Recipe, stable_hash
 from mft_bench.run_folder import MANIFEST, file_inventory
 
 # bump when a stage's on-disk output format or semantics change
@@ -28,13 +35,14 @@ RESULT_PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "l
 
 @dataclass
 class Stage:
-    name: str  # "data", "fft", "mft", "lora", "random_mask", "magnitude_mask", "eval-<arm>-<checkpoint>-<benchmark>"
+    name: str  # "data", an arm's name (its training or mask stage), "eval-<arm>-<checkpoint>-<benchmark>"
     kind: str  # data | train | mask | eval
     key: dict[str, Any]
     deps: list[str] = field(default_factory=list)
     arm: str | None = None
     benchmark: str | None = None
     checkpoint: str = "last"
+    split: str = "test"  # an evaluation's: "test", or "validation" (a benchmark's held-out split, for selection)
     hash: str = ""
     folder: Path = Path()
 
@@ -60,8 +68,8 @@ def package_versions() -> dict[str, str]:
 
 
 def arm_artifact_stage(arm: str) -> str | None:
-    """The stage whose output is the arm's model (None for the pretrained baseline)."""
-    return None if arm == "baseline" else arm
+    """The stage whose output is the arm's model (None for an arm that is the backbone itself)."""
+    return arm if ARMS[arm].has_stage else None
 
 
 def _place(stage: Stage, upstream: dict[str, str], env: dict[str, str], stages_dir: Path) -> None:
@@ -70,17 +78,14 @@ def _place(stage: Stage, upstream: dict[str, str], env: dict[str, str], stages_d
     stage.folder = stages_dir / f"{stage.name}-{stage.hash}"
 
 
-TRAIN_ARMS = TRAINED_ARMS
 LAST = "last"
-# benchmarks with a held-out validation split of their own (option ``split``), used for checkpoint selection
-VALIDATION_BENCHMARKS = ("synthetic_math",)
 
 
 def checkpoint_labels(recipe: Recipe, arm: str) -> list[str]:
     """The evaluated checkpoints of an arm: ``ckpt-1`` ... ``ckpt-(n-1)`` and ``last`` for the n exports of a
     training arm when the recipe evaluates them all (``evaluation.checkpoints: all``), else ``last`` alone. Known
     before training: the count follows from ``epochs / save_every``, the steps are resolved when it ran."""
-    if recipe.evaluation.checkpoints != "all" or arm not in TRAIN_ARMS:
+    if recipe.evaluation.checkpoints != "all" or not ARMS[arm].trained:
         return [LAST]
     return [f"ckpt-{i}" for i in range(1, recipe.train_spec(arm).export_count)] + [LAST]
 
@@ -105,36 +110,25 @@ def build_plan(recipe: Recipe, run_dir: Path, stages_dir: Path | None = None) ->
         stages[stage.name] = stage
         return stage
 
-    backbone = recipe.backbone.model_dump(mode="json")
-    add(Stage("data", "data", {"data": recipe.data.model_dump(mode="json"), "seed": recipe.seed, "backbone": backbone}))
-    mask = recipe.mask.model_dump(mode="json")
-    if "fft" in recipe.arms:
-        add(Stage("fft", "train", {"train": recipe.fft.model_dump(mode="json"), "backbone": backbone,
-                                   "seed": recipe.seed}, deps=["data"], arm="fft"))
+    add(Stage("data", "data", {"data": recipe.data.model_dump(mode="json"), "seed": recipe.seed,
+                               "backbone": recipe.backbone.model_dump(mode="json")}))
     start_deps: list[str] = []
-    if "fft" in recipe.arms and recipe.mask.start_from.startswith("best"):
-        for stage in evaluation_stages(recipe, "fft"):
-            add(stage)
-        start_deps = start_selection_stages(recipe, stages)
-    if "mft" in recipe.arms:
-        add(Stage("mft", "train", {"train": recipe.mft.model_dump(mode="json"), "mask": mask, "seed": recipe.seed},
-                  deps=["data", "fft", *start_deps], arm="mft"))
-    if "fft_continued" in recipe.arms:  # the compute-matched control of MFT, from the same FFT checkpoint
-        add(Stage("fft_continued", "train", {"train": recipe.train_spec("fft_continued").model_dump(mode="json"),
-                                             "start_from": recipe.mask.start_from, "seed": recipe.seed},
-                  deps=["data", "fft", *start_deps], arm="fft_continued"))
-    if "lora" in recipe.arms:
-        add(Stage("lora", "train", {"train": recipe.lora.model_dump(mode="json"), "backbone": backbone,
-                                    "seed": recipe.seed}, deps=["data"], arm="lora"))
-    for arm, kind in MASK_BASELINES.items():
-        if arm in recipe.arms:
-            key: dict[str, Any] = {"mask": mask, "kind": kind, "seed": recipe.seed}
-            deps = ["fft", *start_deps]
-            if recipe.mask.mode != "local" and kind != "l1_rows":
-                # a global selection removes different counts per matrix: the baseline removes MFT's counts
-                key["removed_counts"] = "mft"
-                deps.append("mft")
-            add(Stage(arm, "mask", key, deps=deps, arm=arm))
+    made = [arm for arm in ARMS.values() if arm.has_stage and arm.name in recipe.arms]
+    for arm in sorted(made, key=lambda a: a.stage != "train"):  # training stages first, then mask stages
+        deps = ["data"] if arm.trained else []
+        if arm.needs_fft:
+            deps += ["fft", *start_deps]
+        key = stage_key(recipe, arm.name)
+        if arm.matches_mft_counts and recipe.mask.mode != "local":
+            # a global selection removes different counts per matrix: the baseline removes MFT's counts
+            key["removed_counts"] = "mft"
+            deps.append("mft")
+        add(Stage(arm.name, arm.stage, key, deps=deps, arm=arm.name))
+        if arm.name == "fft" and recipe.mask.start_from.startswith("best"):
+            # the FFT checkpoints the masks choose among are evaluated before the arms that start from one
+            for stage in evaluation_stages(recipe, "fft"):
+                add(stage)
+            start_deps = start_selection_stages(recipe, stages)
     for arm in recipe.arms:
         for stage in evaluation_stages(recipe, arm):
             if stage.name not in stages:
@@ -142,29 +136,45 @@ def build_plan(recipe: Recipe, run_dir: Path, stages_dir: Path | None = None) ->
     return list(stages.values())
 
 
+def stage_key(recipe: Recipe, arm: str) -> dict[str, Any]:
+    """The part of the recipe an arm's own stage depends on (``arms.Arm.key``): what its content address covers."""
+    entry = ARMS[arm]
+    parts = {"train": lambda: recipe.train_spec(arm).model_dump(mode="json"),
+             "backbone": lambda: recipe.backbone.model_dump(mode="json"),
+             "mask": lambda: recipe.mask.model_dump(mode="json"),
+             "start_from": lambda: recipe.mask.start_from,
+             "kind": lambda: entry.mask_kind,
+             "seed": lambda: recipe.seed}
+    return {part: parts[part]() for part in entry.key}
+
+
 def evaluation_stages(recipe: Recipe, arm: str) -> list[Stage]:
     """The arm's evaluation stages, unplaced: every checkpoint label x benchmark on the test split, and on the
     validation split for the benchmarks that have one (intermediate checkpoints are selected there)."""
     evaluation = recipe.evaluation
-    artifact = arm_artifact_stage(arm)
     out = []
     for label in checkpoint_labels(recipe, arm):
         for bench in evaluation.benchmarks:
-            splits = ["test"]
-            if evaluation.checkpoints == "all" and arm in TRAIN_ARMS and bench.name in VALIDATION_BENCHMARKS:
-                splits.append("validation")
-            for split in splits:
-                options = bench.options if split == "test" else {**bench.options, "split": "validation"}
-                key = {"benchmark": {**bench.model_dump(mode="json"), "options": options}, "split": split,
-                       "backend": evaluation.backend, "dtype": recipe.backbone.dtype, "seed": recipe.seed,
-                       "checkpoint": label, "prompt_version": _prompt_version(bench.name, options)}
-                if artifact is None:
-                    key["backbone"] = recipe.backbone.model_dump(mode="json")
-                prefix = "eval" if split == "test" else "val"
-                out.append(Stage(f"{prefix}-{arm}-{label}-{_slug(bench.name)}", "eval", key,
-                                 deps=[artifact] if artifact else [], arm=arm, benchmark=bench.name,
-                                 checkpoint=label))
+            out.append(evaluation_stage(recipe, arm, label, bench, "test"))
+            if evaluation.checkpoints == "all" and ARMS[arm].trained and benchmark_facts(bench.name).validation_split:
+                out.append(evaluation_stage(recipe, arm, label, bench, "validation"))
     return out
+
+
+def evaluation_stage(recipe: Recipe, arm: str, label: str, bench: BenchmarkSpec, split: str) -> Stage:
+    """One evaluation stage, unplaced: arm ``arm`` at checkpoint ``label`` on ``bench``'s ``split``. Its key holds
+    the options the benchmark runs with (the validation split is one of them), so the runner reads them back from
+    the key alone."""
+    options = bench.options if split == "test" else {**bench.options, "split": "validation"}
+    key = {"benchmark": {**bench.model_dump(mode="json"), "options": options}, "split": split,
+           "backend": recipe.evaluation.backend, "dtype": recipe.backbone.dtype, "seed": recipe.seed,
+           "checkpoint": label, "prompt_version": benchmark_versions(bench.name, options)}
+    artifact = arm_artifact_stage(arm)
+    if artifact is None:
+        key["backbone"] = recipe.backbone.model_dump(mode="json")
+    prefix = "eval" if split == "test" else "val"
+    return Stage(f"{prefix}-{arm}-{label}-{_slug(bench.name)}", "eval", key, deps=[artifact] if artifact else [],
+                 arm=arm, benchmark=bench.name, checkpoint=label, split=split)
 
 
 def start_selection_stages(recipe: Recipe, stages: dict[str, Stage]) -> list[str]:
@@ -173,25 +183,18 @@ def start_selection_stages(recipe: Recipe, stages: dict[str, Stage]) -> list[str
     validation loss FFT logged, no stage needed)."""
     first = recipe.evaluation.benchmarks[0].name
     if recipe.mask.start_from == "best-test":
-        wanted = ("eval", first)
+        split, benchmark = "test", first
     else:
-        with_validation = [b.name for b in recipe.evaluation.benchmarks if b.name in VALIDATION_BENCHMARKS]
+        with_validation = [b.name for b in recipe.evaluation.benchmarks if benchmark_facts(b.name).validation_split]
         if not with_validation:
             return []
-        wanted = ("val", with_validation[0])
+        split, benchmark = "validation", with_validation[0]
     return [s.name for s in stages.values()
-            if s.kind == "eval" and s.arm == "fft" and s.name.startswith(wanted[0] + "-") and s.benchmark == wanted[1]]
+            if s.kind == "eval" and s.arm == "fft" and s.split == split and s.benchmark == benchmark]
 
 
 def _slug(name: str) -> str:
     return name.replace(":", "_").replace("/", "_")
-
-
-def _prompt_version(name: str, options: dict[str, Any]) -> str:
-    """The benchmark's prompt and scorer versions, so changing either invalidates cached evaluations."""
-    from mft_bench.evaluation.registry import benchmark_versions
-
-    return benchmark_versions(name)
 
 
 def stages_to_force(stages: list[Stage], names: list[str]) -> set[str]:
@@ -224,6 +227,23 @@ def retire_folder(folder: Path, *, into: Path | None = None) -> Path | None:
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(folder), str(target))
     return target
+
+
+def adopt_renamed_folders(stages: list[Stage]) -> list[Path]:
+    """Give back to each stage the folder it had under an arm's earlier name (``arms.RENAMED_ARMS``): the same
+    hash, so the same content, and a run folder of an earlier version resumes instead of evaluating again.
+    Returns the folders adopted."""
+    adopted = []
+    for stage in stages:
+        for old, new in RENAMED_ARMS.items():
+            if stage.arm != new or stage.folder.exists():
+                continue
+            prefix = stage.name[: stage.name.index(f"-{new}-")]
+            earlier = stage.folder.with_name(f"{prefix}-{old}-" + stage.folder.name[len(f"{prefix}-{new}-"):])
+            if earlier.is_dir():
+                earlier.rename(stage.folder)
+                adopted.append(stage.folder)
+    return adopted
 
 
 def finish_stage(stage: Stage, outputs: dict[str, Any]) -> None:
