@@ -20,6 +20,7 @@ from mft_bench import strict_yaml
 from mft_bench.arms import ARM_NAMES, ARMS, renamed_arm_message
 from mft_bench.data import SourceSpec
 from mft_bench.errors import MftBenchError
+from mft_bench.seeds import SEED_MAX
 
 # the training length an arm takes from another's settings (arms.Arm.length_from): the compute-matched control trains
 # on for exactly MFT's steps, rows and order (MFT's length, FFT's update)
@@ -31,7 +32,6 @@ REMOVED_KEYS = {
     "bf16": "removed: training computes in backbone.dtype; set precision: mixed (fp32 master weights, the default) "
             "or pure",
 }
-SEED_MAX = 2**32 - 1  # numpy takes 32-bit seeds, and every stage seeds numpy (transformers.set_seed)
 # typo guards: far above any real setting, low enough that a slipped exponent is refused instead of training for years
 MAX_EPOCHS = 1000
 MAX_STEPS = 100_000_000

@@ -37,11 +37,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from mft_bench.data.offline import data_dir as offline_data_dir
 from mft_bench.atomic import write_json_atomic, write_jsonl_atomic
+from mft_bench.data.offline import data_dir as offline_data_dir
 from mft_bench.errors import MftBenchError
 from mft_bench.evaluation.ifeval import NLTK_FIX, suppress_nltk_download
-from mft_bench.recipe import SEED_MAX
+from mft_bench.seeds import SEED_MAX
 
 logger = logging.getLogger(__name__)
 

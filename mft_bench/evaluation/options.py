@@ -15,7 +15,7 @@ from pydantic import ConfigDict, Field, ValidationError, create_model
 
 from mft_bench.errors import MftBenchError
 from mft_bench.evaluation.base import constructor_options
-from mft_bench.recipe import SEED_MAX
+from mft_bench.seeds import SEED_MAX
 
 LM_EVAL_OPTIONS = ("num_fewshot", "seeds", "include_path", "gen_kwargs", "bootstrap_iters")
 # typo guards: far above any real setting, low enough that a slipped exponent is refused instead of generating for days
