@@ -65,11 +65,11 @@ def _relaunch(nproc: int, argv: list[str], recipes: list) -> int:
     """Start ``nproc`` processes of the same command without ``--nproc`` (see ``distributed.launch``), once the
     machine and every recipe's global batches are known to allow ``nproc`` processes."""
     from mft_bench.distributed import check_process_count, launch
-    from mft_bench.recipe import TRAINED_ARMS
+    from mft_bench.arms import trained_arms
 
     check_process_count(nproc)
     for recipe in recipes:
-        for arm in TRAINED_ARMS:
+        for arm in trained_arms():
             if arm in recipe.arms:
                 recipe.train_spec(arm).accumulation_steps(nproc)
     rest, skip = [], False
