@@ -192,7 +192,7 @@ def run_eval_stage(recipe: Recipe, stage: Stage, stages: Stages, models: ModelCa
 
     bench = stage.key["benchmark"]
     common = dict(options=bench["options"], limit=bench["limit"], backend=recipe.evaluation.backend,
-                  batch_size=recipe.evaluation.batch_size, data_dir=recipe.data.data_dir, seed=recipe.seed,
+                  batch_size=recipe.evaluation.batch_size, data_dir=recipe.data.data_dir, seed=stage.key.get("seed", 0),
                   dtype=recipe.backbone.dtype, sandbox=recipe.evaluation.sandbox)
     source = evaluated_model(stage, stages, models)
     if recipe.evaluation.in_fresh_process:

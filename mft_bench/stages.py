@@ -167,14 +167,23 @@ def evaluation_stage(recipe: Recipe, arm: str, label: str, bench: BenchmarkSpec,
     the key alone."""
     options = bench.options if split == "test" else {**bench.options, "split": "validation"}
     key = {"benchmark": {**bench.model_dump(mode="json"), "options": options}, "split": split,
-           "backend": recipe.evaluation.backend, "dtype": recipe.backbone.dtype, "seed": recipe.seed,
+           "backend": recipe.evaluation.backend, "dtype": recipe.backbone.dtype,
            "checkpoint": label, "prompt_version": benchmark_versions(bench.name, options)}
+    if samples(options):
+        key["seed"] = recipe.seed
     artifact = arm_artifact_stage(arm)
     if artifact is None:
         key["backbone"] = recipe.backbone.model_dump(mode="json")
     prefix = "eval" if split == "test" else "val"
     return Stage(f"{prefix}-{arm}-{label}-{_slug(bench.name)}", "eval", key, deps=[artifact] if artifact else [],
                  arm=arm, benchmark=bench.name, checkpoint=label, split=split)
+
+
+def samples(options: dict[str, Any]) -> bool:
+    """True when a benchmark with ``options`` decodes by sampling, the only use an evaluation makes of the recipe
+    seed (lm-eval tasks run on lm-eval's own seeds, in their options). A greedy evaluation leaves the seed out of
+    its key, so the variants of a seed sweep share the pretrained model's evaluations."""
+    return float(options.get("temperature", 0) or 0) > 0
 
 
 def start_selection_stages(recipe: Recipe, stages: dict[str, Stage]) -> list[str]:

@@ -236,3 +236,29 @@ def test_a_seed_axis_is_pooled_over_seeds_with_the_stratified_test(tmp_path):
     markdown = (tmp_path / "table" / "sweep.md").read_text()
     assert "## Pooled over seeds 0, 1, 2" in markdown and "| mft | fft | +2.7†" in markdown
     assert json.loads((tmp_path / "table" / "sweep.json").read_text())["seed_pooled"]["comparisons"]
+
+
+def test_seed_variants_share_the_pretrained_evaluation_unless_it_samples(tmp_path, capsys):
+    """Greedy decoding does not read the seed: the pretrained model is evaluated once for every seed; a sampled
+    benchmark (temperature > 0) keeps one evaluation per seed."""
+    from mft_bench.recipe import load_recipe
+    from mft_bench.stages import build_plan
+
+    recipe = load_recipe(ROOT / "tasks" / "smoke.yaml")
+    sampled = [{"name": "humaneval", "limit": 2, "options": {"temperature": 0.8, "n_samples": 2}}]
+    keys = {}
+    for seed in (0, 1):
+        for name, benchmarks in (("greedy", None), ("sampled", sampled)):
+            data = recipe.model_dump(mode="json")
+            data["seed"] = seed
+            if benchmarks:
+                data["evaluation"]["benchmarks"] = benchmarks
+            variant = type(recipe).model_validate(data)
+            stages = build_plan(variant, tmp_path / f"{name}-{seed}")
+            keys[name, seed] = {s.name: s.hash for s in stages if s.kind == "eval" and s.arm in ("pretrained", "fft")}
+            assert keys[name, seed]
+    for name in ("greedy", "sampled"):
+        pretrained = [n for n in keys[name, 0] if n.startswith("eval-pretrained")]
+        same = [n for n in keys[name, 0] if keys[name, 0][n] == keys[name, 1][n]]
+        # FFT trained with another seed is another model: its evaluations differ by seed either way
+        assert same == (pretrained if name == "greedy" else [])
