@@ -67,7 +67,7 @@ install_wheels() {
 # pytest's output without progress noise; the last lines hold the outcome and the skip reasons
 run_tests() {
   "$python" -m pytest -q -p no:cacheprovider --device "$device" -rs \
-    tests/test_masking.py tests/test_masking_io.py tests/test_backends.py 2>&1 | tail -25
+    tests/masking/test_masking.py tests/masking/test_masking_io.py tests/evaluation/test_backends.py 2>&1 | tail -25
   return "${PIPESTATUS[0]}"
 }
 

@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # The files device_check.sh runs besides mft_bench (module-level imports; their lazy ones are mft_bench's own).
 ENTRY_FILES = ("benchmarks/mask_step.py", "benchmarks/generation_throughput.py", "benchmarks/device_smoke_verify.py",
-               "tests/conftest.py", "tests/test_masking.py", "tests/test_masking_io.py", "tests/test_backends.py")
+               "tests/conftest.py", "tests/masking/test_masking.py", "tests/masking/test_masking_io.py", "tests/evaluation/test_backends.py")
 SKIPPED = {  # module -> why the check does not need its imports
     "mft_bench.evaluation.ifeval": "IFEval is not in the device smoke (lm-eval, NLTK data)",
     "mft_bench.evaluation.lm_eval_task": "no lm-eval task in the device smoke",

@@ -22,7 +22,7 @@ runs under ``torch.autocast`` in ``--dtype`` with the backward outside it, as th
 ``--checkpointing`` turns on non-reentrant activation checkpointing as the training code does (FFT: the Trainer's
 ``activation_checkpointing_enable``; MFT: ``mft_bench.train.mft.enable_frozen_checkpointing``). ``--optimizer fused``
 is the Trainer's default AdamW (``adamw_torch_fused``); the default is torch's ``AdamW`` as constructed (foreach on
-CUDA). Each arm's peak memory and tokens/s are printed beside ``mft_bench.estimate``'s figures for the same setting
+CUDA). Each arm's peak memory and tokens/s are printed beside ``mft_bench.cost``'s figures for the same setting
 and, on the LLaMA-2-7B shape, beside the H200 measurements the estimates are checked against (``H200_ANCHORS``).
 
     python benchmarks/mask_step.py          # SmolLM2-135M shape, CPU, layers 20-23, 4 micro-batches of 2x128 tokens
@@ -67,7 +67,7 @@ SHAPES = {
                  num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=512),
 }
 # Measured on one H200: LLaMA-2-7B shape, band 20-23, 4 x 2048 tokens a step, gradient checkpointing, pure bf16.
-# The estimates in mft_bench.estimate are checked against these (tests/test_estimate.py).
+# The estimates in mft_bench.cost are checked against these (tests/test_cost.py).
 ANCHOR_SETTING = dict(shape="llama2-7b", layers="20-23", tokens_per_step=4 * 2048, checkpointing=True, precision="pure",
                       dtype="bfloat16")
 H200_ANCHORS = {"fft": {"peak_gib": 63.0, "tokens_per_s": 9522.0}, "mft": {"peak_gib": 26.0, "tokens_per_s": 18456.0}}
@@ -311,10 +311,10 @@ def print_table(args, results: list[dict]) -> None:
 
 
 def estimate_for(args, arm: str):
-    """mft_bench.estimate's figures for this arm and setting on the machine the script runs on (None: not modelled)."""
+    """mft_bench.cost's figures for this arm and setting on the machine the script runs on (None: not modelled)."""
     from transformers import LlamaConfig
 
-    from mft_bench.estimate import ModelShape, detect_hardware, estimate_training
+    from mft_bench.cost import ModelShape, detect_hardware, estimate_training
 
     if arm not in ("fft", "mft"):
         return None
@@ -340,7 +340,7 @@ def print_anchor_table(args, results: list[dict]) -> None:
     # CPU: live tensors (what max_memory_allocated counts on CUDA), else the RSS above the libraries
     mem_kind = "peak CUDA alloc" if args.device == "cuda" else "CPU live tensors or RSS above libraries"
     differences = anchor_differences(args)
-    print(f"\nmeasured ({mem_kind}) vs mft_bench.estimate for this setting vs the H200 anchors "
+    print(f"\nmeasured ({mem_kind}) vs mft_bench.cost for this setting vs the H200 anchors "
           f"({', '.join(f'{k} {v}' for k, v in ANCHOR_SETTING.items())})")
     if differences:
         print("this run differs from the anchors' setting in: " + "; ".join(differences))

@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from mft_bench.estimate import (
+from mft_bench.cost import (
     GIB,
     KNOWN_SHAPES,
     Estimate,

@@ -114,7 +114,7 @@ def _planned_hardware(args):
 
 
 def cmd_plan(args) -> int:
-    from mft_bench.plan_view import render_plan
+    from mft_bench.plan import render_plan
 
     recipe = _load(args)
     hardware, nproc = _planned_hardware(args)
@@ -137,7 +137,7 @@ def cmd_reproduce(args) -> int:
     recipes = [load_recipe(path) for path in paper_recipes(args.backbone)]
     out = Path(args.out or "runs/paper")
     if args.dry_run:
-        from mft_bench.plan_view import plan_text, render_bill
+        from mft_bench.plan import plan_text, render_bill
 
         hardware, nproc = _planned_hardware(args)
         summaries = []

@@ -3,7 +3,7 @@ this machine's detection, and the calibration of utilisation against measurement
 
 A :class:`Hardware` holds *effective* rates (spec sheet x utilisation). CPU rates are calibrated on the development
 machine; GPU rates are spec-sheet peaks times utilisation factors calibrated once, below, against the measured
-H200 anchors (``tests/test_estimate.py`` pins each anchor with its tolerance).
+H200 anchors (``tests/test_cost.py`` pins each anchor with its tolerance).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ _CPU_LAYER_OVERHEAD_S = 3e-4
 #   FFT 9,522 tokens/s and MFT (band of layers 20-23) 18,456 tokens/s; HF ``generate`` 344-500 new tokens/s at
 #   batch 32.
 # _GPU_TRAIN_MFU: FFT with checkpointing costs 57.2 GFLOP per token (6N + attention + the recomputed forward,
-#   estimate.py); 9,522 tokens/s is 0.86 s per 8,192-token step, of which AdamW's memory traffic takes ~0.08 s,
+#   cost.py); 9,522 tokens/s is 0.86 s per 8,192-token step, of which AdamW's memory traffic takes ~0.08 s,
 #   leaving 8,192 x 57.2e9 / 0.78 s = 6.0e14 FLOP/s = 0.61 of the H200's 989 TFLOP/s bf16 peak. The same
 #   fraction is assumed for every GPU (same kernels, same framework).
 _GPU_TRAIN_MFU = 0.61

@@ -1,10 +1,10 @@
 """What each stage of a recipe will cost on a machine of N GPUs: time, peak memory per GPU, the disk it leaves,
 and for each training arm the strategy a run on that machine would choose (``train.strategy.resolve_strategy`` with
-the replica estimate the run uses). ``plan_view.py`` renders it.
+the replica estimate the run uses). ``plan.py`` renders it.
 
 Token counts come from the data stage's manifest when it is cached, else from the recipe (rows x an assumed mean
 length, stated in the plan). Per-benchmark prompt/answer lengths are typical values of each protocol, declared by
-each benchmark (``evaluation.base.BenchmarkFacts``); estimates use ``mft_bench.estimate`` (standard FLOP formulas,
+each benchmark (``evaluation.base.BenchmarkFacts``); estimates use ``mft_bench.cost`` (standard FLOP formulas,
 calibrated throughput).
 Wall time on N GPUs follows the run: training stages use every GPU one after another; a block of consecutive
 evaluation stages is dealt out round-robin, one stage per process at a time (``RunProcesses.share``), so the
@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass, field
 
 from mft_bench.arms import ARMS
-from mft_bench.estimate import (
+from mft_bench.cost import (
     DISK_BYTES_PER_S,
     Estimate,
     Hardware,

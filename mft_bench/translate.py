@@ -46,7 +46,7 @@ def refuse_what_cannot_fit(recipe: Recipe, arm: str, strategy: str, world_size: 
 def replica_bytes(recipe: Recipe, arm: str, world_size: int = 1) -> int | None:
     """Estimated peak memory of one process training a whole replica of ``arm`` among ``world_size`` (DDP's
     gradient buckets included when there are several); None for an unknown model shape."""
-    from mft_bench.estimate import cpu_hardware, estimate_training, per_device_memory, shape_for_backbone
+    from mft_bench.cost import cpu_hardware, estimate_training, per_device_memory, shape_for_backbone
 
     shape = shape_for_backbone(recipe.backbone.name)
     if shape is None:

@@ -27,7 +27,7 @@ def test_plan_on_paper_recipes_prints_stages_and_estimates(recipe, capsys, tmp_p
 def test_plan_mft_is_cheaper_than_fft_for_an_upper_band(tmp_path):
     from mft_bench.cli import resolve_recipe
     from mft_bench.stages import build_plan
-    from mft_bench.plan_view import estimate_stages
+    from mft_bench.plan import estimate_stages
     from mft_bench.recipe import load_recipe
 
     recipe = load_recipe(resolve_recipe("paper/llama2-7b-coding"))

@@ -11,7 +11,7 @@ Protocol (the paper evaluated through AI2 OLMES, ``gsm8k::olmes``, on top of lm-
 - generation: greedy, at most 512 new tokens, stop at ``"Question:"``, ``"</s>"``, ``"<|im_end|>"``, ``"\\n\\n"``
   (OLMES ``gsm8k`` ``generation_kwargs``);
 - scoring, two extractions, both reported. Neither is lm-eval's metric of the similar name; compare them only
-  with what is stated here (``tests/test_gsm8k.py`` runs lm-eval's own filters on the same tricky strings):
+  with what is stated here (``tests/evaluation/test_gsm8k.py`` runs lm-eval's own filters on the same tricky strings):
 
   * ``exact_match_flexible`` (primary): the last number in the output equals the gold. This is the paper's
     metric, OLMES's ``exact_match`` for ``gsm8k`` (``GSM8K._extract_answer``: join digit,digit commas, take the

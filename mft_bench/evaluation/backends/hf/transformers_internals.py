@@ -1,7 +1,7 @@
 """Every place the hf backend relies on transformers internals rather than its public API.
 
 Tested on transformers 5.24 (``pyproject.toml`` bounds it below 5.25); a newer version must pass
-``tests/test_backends.py`` before the bound moves. What is relied on:
+``tests/evaluation/test_backends.py`` before the bound moves. What is relied on:
 
 - the KV cache's per-layer objects: ``DynamicLayer`` (``kv_cache.BufferedLayer`` subclasses it, overriding
   ``update`` and ``batch_select_indices``, and reads/writes its ``keys``, ``values`` and ``is_initialized``),

@@ -192,7 +192,7 @@ def test_random_argument_checkers_give_the_same_verdicts_in_any_process() -> Non
     from pathlib import Path
 
     pairs = _letter_frequency_pairs()
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     runs = []
     for hash_seed in ("1", "2"):
         env = {**os.environ, "PYTHONPATH": str(root), "PYTHONHASHSEED": hash_seed}

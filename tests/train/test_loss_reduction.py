@@ -137,7 +137,7 @@ def test_train_fft_uses_the_configured_reduction(tmp_path):
 
 
 def test_unknown_reduction_is_refused():
-    smoke = Path(__file__).resolve().parents[1] / "tasks" / "smoke.yaml"
+    smoke = Path(__file__).resolve().parents[2] / "tasks" / "smoke.yaml"
     with pytest.raises(MftBenchError, match="fft.loss_reduction: Input should be 'token' or 'sequence'"):
         load_recipe(smoke, ["fft.loss_reduction=mean"])
 

@@ -8,7 +8,7 @@ import pytest
 
 from mft_bench.backbone import tiny_model
 from mft_bench.errors import MftBenchError
-from mft_bench.estimate import (
+from mft_bench.cost import (
     DDP_EFFICIENCY,
     FSDP_EFFICIENCY,
     GIB,

@@ -25,7 +25,7 @@ from mft_bench.errors import MftBenchError
 from mft_bench.evaluation import humaneval, sandbox
 from mft_bench.evaluation.sandbox import harness
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LEVELS = ("namespace", "userns", "rlimits")
 
 

@@ -24,7 +24,7 @@ from mft_bench.masking.selection import official_percentile, signed_threshold_fo
 from mft_bench.recipe import MaskSpec, load_recipe
 from mft_bench.stages import build_plan
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 64
 SIGNED = "global-signed-threshold"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mft_bench.estimate import DDP_EFFICIENCY, FSDP_EFFICIENCY, Hardware
+from mft_bench.cost import DDP_EFFICIENCY, FSDP_EFFICIENCY, Hardware
 from mft_bench.plan_cost import (
     ASSUMED_TOKENS_PER_ROW,
     DataCounts,

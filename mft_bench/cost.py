@@ -3,7 +3,7 @@
 Everything here is closed-form arithmetic on a :class:`ModelShape` (``model_shape.py``) and a :class:`Hardware`
 description (``hardware.py``, where the utilisation constants are calibrated); no model is built and nothing
 touches the network. The numbers are meant to be right within ~2x, which ``benchmarks/plan_accuracy.py`` checks
-on the machine at hand; memory within 25% of the measured H200 anchors (``tests/test_estimate.py``).
+on the machine at hand; memory within 25% of the measured H200 anchors (``tests/test_cost.py``).
 
 Conventions and assumptions (read before trusting a number):
 

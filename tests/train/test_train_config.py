@@ -24,7 +24,7 @@ from mft_bench.train.trainer import (
 
 
 
-SMOKE = Path(__file__).resolve().parents[1] / "tasks" / "smoke.yaml"
+SMOKE = Path(__file__).resolve().parents[2] / "tasks" / "smoke.yaml"
 
 
 def test_defaults_are_the_papers():
@@ -201,7 +201,7 @@ def test_an_arm_that_cannot_fit_one_gpu_is_refused_before_anything_runs():
     from mft_bench.translate import refuse_what_cannot_fit
     from mft_bench.recipe import load_recipe
 
-    recipe = load_recipe(Path(__file__).resolve().parents[1] / "tasks" / "paper" / "llama2-7b-math.yaml")
+    recipe = load_recipe(Path(__file__).resolve().parents[2] / "tasks" / "paper" / "llama2-7b-math.yaml")
     gib = 2**30
     with pytest.raises(MftBenchError, match=r"fft needs about \d+ GiB per GPU.*--nproc N.*FSDP"):
         refuse_what_cannot_fit(recipe, "fft", "ddp", 1, 80 * gib)  # mixed-precision 7B FFT on one 80 GB card

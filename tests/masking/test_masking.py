@@ -31,7 +31,7 @@ from mft_bench.masking.masked_linear import wrappers
 from mft_bench.recipe import MaskSpec, load_recipe
 
 VOCAB = 64
-SMOKE = Path(__file__).resolve().parent.parent / "tasks" / "smoke.yaml"
+SMOKE = Path(__file__).resolve().parents[2] / "tasks" / "smoke.yaml"
 
 
 def _model(arch: str, seed: int = 0, device: torch.device | str = "cpu") -> nn.Module:

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from mft_bench.cli import main, resolve_recipe
-from mft_bench.estimate import GIB, KNOWN_SHAPES, hardware_by_name
+from mft_bench.cost import GIB, KNOWN_SHAPES, hardware_by_name
 from mft_bench.plan_cost import StageCost, stage_costs, wall_seconds
 from mft_bench.recipe import load_recipe
 from mft_bench.stages import MANIFEST, Stage, build_plan

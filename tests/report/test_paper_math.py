@@ -11,7 +11,7 @@ from mft_bench.errors import MftBenchError
 from mft_bench.evaluation.lm_eval_task import _user_error, lm_eval_tasks_dir
 from mft_bench.recipe import load_recipe
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MATH_RECIPES = sorted((ROOT / "tasks" / "paper").glob("*-math.yaml"))
 # bash/evaluation/llama2-7b_math.sh of the official repository: MATH_TASK_TYPES, each run 4-shot
 OFFICIAL_SUBJECTS = {"algebra", "counting_and_probability", "geometry", "intermediate_algebra", "number_theory",

@@ -25,7 +25,7 @@ from mft_bench.evaluation import registry, runner
 from mft_bench.evaluation.backends.hf import HFBackend
 from mft_bench.evaluation.base import GenerationRequest, Item
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True, scope="module")
