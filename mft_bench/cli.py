@@ -210,15 +210,16 @@ def cmd_report(args) -> int:
 
 
 def cmd_check(args) -> int:
+    """A run folder against a run reference, or a sweep folder (``sweep.yaml`` in it) variant by variant against a
+    sweep reference; ``--update`` writes the reference instead."""
     from mft_bench.report import check_against_reference, write_reference
     from mft_bench.report.collect import read_json
 
-    report_path = Path(args.run_dir) / "report.json"
-    if not report_path.is_file():
-        raise MftBenchError(f"{args.run_dir}: no report.json; run the recipe (or 'mft-bench report') first")
-    report = read_json(report_path, "report")
-    if not isinstance(report, dict):
-        raise MftBenchError(f"{report_path} must hold a JSON object; rebuild it with 'mft-bench report'")
+    run_dir = Path(args.run_dir)
+    if (run_dir / "sweep.yaml").is_file():
+        return _check_sweep(args, run_dir)
+
+    report = _read_report(run_dir)
     reference_path = Path(args.reference)
     if args.update:
         write_reference(report, reference_path, tolerance=args.tolerance)
@@ -227,12 +228,56 @@ def cmd_check(args) -> int:
     if not reference_path.is_file():
         raise MftBenchError(f"reference file not found: {reference_path} (create one with --update)")
     reference = read_json(reference_path, "reference")
-    failures = check_against_reference(report, reference)
+    return _verdict(check_against_reference(report, reference), len(reference["metrics"]), reference_path)
+
+
+def _check_sweep(args, sweep_dir: Path) -> int:
+    import yaml
+
+    from mft_bench.atomic import dumps_json, write_text_atomic
+    from mft_bench.report.check import check_sweep_against_reference, sweep_reference
+    from mft_bench.report.collect import read_json
+
+    record = yaml.safe_load((sweep_dir / "sweep.yaml").read_text(encoding="utf-8")) or {}
+    names = [v["name"] for v in record.get("variants") or []]
+    reports = {name: _read_report(sweep_dir / "variants" / name) for name in names
+               if (sweep_dir / "variants" / name / "report.json").is_file()}
+    reference_path = Path(args.reference)
+    if args.update:
+        missing = [name for name in names if name not in reports]
+        if missing:
+            raise MftBenchError(f"{sweep_dir}: variants {', '.join(missing)} have no report.json; finish the sweep "
+                                "before writing its reference")
+        reference = sweep_reference(reports, sweep=str(record.get("sweep") or sweep_dir.name), tolerance=args.tolerance)
+        write_text_atomic(reference_path, dumps_json(reference))
+        print(f"reference written: {reference_path}")
+        return EXIT_OK
+    if not reference_path.is_file():
+        raise MftBenchError(f"reference file not found: {reference_path} (create one with --update)")
+    reference = read_json(reference_path, "reference")
+    failures = check_sweep_against_reference(reports, reference)
+    count = sum(len(v.get("metrics") or []) for v in reference["variants"].values())
+    return _verdict(failures, count, reference_path)
+
+
+def _read_report(run_dir: Path) -> dict:
+    from mft_bench.report.collect import read_json
+
+    report_path = run_dir / "report.json"
+    if not report_path.is_file():
+        raise MftBenchError(f"{run_dir}: no report.json; run the recipe (or 'mft-bench report') first")
+    report = read_json(report_path, "report")
+    if not isinstance(report, dict):
+        raise MftBenchError(f"{report_path} must hold a JSON object; rebuild it with 'mft-bench report'")
+    return report
+
+
+def _verdict(failures: list[str], count: int, reference_path: Path) -> int:
     for line in failures:
         print(f"REGRESSION {line}")
     if failures:
         return EXIT_FAILED
-    print(f"ok: {len(reference['metrics'])} metrics within tolerance of {reference_path}")
+    print(f"ok: {count} metrics within tolerance of {reference_path}")
     return EXIT_OK
 
 
@@ -301,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", help="where the cross-recipe table goes")
     report.set_defaults(func=cmd_report)
 
-    check = sub.add_parser("check", help="compare a run against a reference; exit 1 on regression")
+    check = sub.add_parser("check", help="compare a run (or a sweep folder, variant by variant) against a "
+                                          "reference; exit 1 on regression")
     check.add_argument("run_dir")
     check.add_argument("--reference", required=True)
     check.add_argument("--update", action="store_true", help="write the run's metrics as the new reference")

@@ -12,7 +12,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from test_report import make_run
+from fake_run import make_run
 
 from mft_bench.resources import SHIPPED, SHIPPED_FOLDERS
 

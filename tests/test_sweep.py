@@ -13,6 +13,7 @@ import yaml
 from mft_bench.cli import main
 from mft_bench.masking import read_mask_metadata, removed_count
 from mft_bench.report.build import build_report, write_report
+from mft_bench.report.seed_pool import seed_pooled
 from mft_bench.report.sweep_table import format_value, sweep_rows
 from mft_bench.run_folder import RunLock
 from mft_bench.sweep import load_sweep
@@ -92,6 +93,32 @@ def test_rerun_is_cached_and_rewrites_the_same_table(swept, capsys):
     out = capsys.readouterr().out
     assert "[running]" not in out and out.count("== variant") == 3
     assert (swept / "sweep.json").read_bytes() == before
+
+
+def test_check_compares_every_variant_with_the_sweep_reference(swept, tmp_path, capsys):
+    reference = tmp_path / "sweep-reference.json"
+    assert main(["check", str(swept), "--reference", str(reference), "--update"]) == 0
+    written = json.loads(reference.read_text())
+    assert written["sweep"] == "smoke-sweep" and set(written["variants"]) == set(EXPECTED)
+    assert all(v["metrics"] for v in written["variants"].values())
+    capsys.readouterr()
+    assert main(["check", str(swept), "--reference", str(reference)]) == 0
+    count = sum(len(v["metrics"]) for v in written["variants"].values())
+    assert f"ok: {count} metrics" in capsys.readouterr().out
+    # one variant's metric moved past its tolerance, and a variant the folder lacks: both named, exit 1
+    variant = written["variants"]["mft.learning_rate-0.05"]["metrics"][0]
+    variant["value"] += variant["tolerance"] + 0.5
+    written["variants"]["seed-9"] = written["variants"]["base"]
+    reference.write_text(json.dumps(written))
+    assert main(["check", str(swept), "--reference", str(reference)]) == 1
+    out = capsys.readouterr().out
+    assert f"REGRESSION mft.learning_rate-0.05: {variant['arm']}/" in out
+    assert "REGRESSION seed-9: no report.json" in out
+    # a run reference given for a sweep folder: one line, exit 2
+    run_reference = tmp_path / "run.json"
+    run_reference.write_text(json.dumps(written["variants"]["base"]))
+    assert main(["check", str(swept), "--reference", str(run_reference)]) == 2
+    assert "expected a sweep reference" in capsys.readouterr().err
 
 
 def test_a_sweep_folder_in_use_or_of_another_sweep_is_refused(swept, tmp_path, capsys):
@@ -176,7 +203,7 @@ def test_paper_ablations_share_one_fft_across_every_variant(tmp_path, capsys):
 
 
 def test_table_cells_are_the_reports_numbers_in_percent(tmp_path):
-    from test_report import make_run
+    from fake_run import make_run
 
     entries = []
     for name, axis, value in (("base", None, None), ("mask.layers-4_5_6_7", "mask.layers", [4, 5, 6, 7])):
@@ -200,11 +227,13 @@ def test_table_cells_are_the_reports_numbers_in_percent(tmp_path):
     assert format_value([4, 5, 6, 7]) == "4-7" and format_value([0, 2]) == "0,2" and format_value(2e-5) == "2e-05"
 
 
-def test_a_seed_axis_is_pooled_over_seeds_with_the_stratified_test(tmp_path):
-    from test_report import make_run
+def test_a_seed_axis_is_pooled_with_the_item_as_the_unit(tmp_path):
+    """Three replicates that score alike are one seed's worth of evidence, not three: the pooled interval and test
+    are the single seed's; only the items-fixed test counts the discordant pairs three times."""
+    from fake_run import make_run
 
     from mft_bench.report.stats import mcnemar_exact_counts
-    from mft_bench.report.sweep_table import seed_pooled, write_sweep_table
+    from mft_bench.report.sweep_table import write_sweep_table
 
     entries = []
     for name, axis, value in (("base", None, None), ("seed-1", "seed", 1), ("seed-2", "seed", 2),
@@ -212,30 +241,82 @@ def test_a_seed_axis_is_pooled_over_seeds_with_the_stratified_test(tmp_path):
         run_dir = make_run(tmp_path / name)
         write_report(build_report(run_dir, n_bootstrap=200), run_dir)
         entries.append({"variant": name, "axis": axis, "value": value, "run_dir": run_dir})
-    report = json.loads((tmp_path / "base" / "report.json").read_text())
-    one = next(c for c in report["comparisons"] if (c["arm_a"], c["arm_b"], c["benchmark"], c["metric"])
+    reports = [json.loads((entry["run_dir"] / "report.json").read_text()) for entry in entries]
+    one = next(c for c in reports[0]["comparisons"] if (c["arm_a"], c["arm_b"], c["benchmark"], c["metric"])
                == ("mft", "fft", "gsm8k", "exact_match"))
     assert one["discordant"] == 8 and one["p_value"] < 0.05  # make_run: MFT = FFT with 8 items fixed
 
-    pooled = seed_pooled(entries, {"seed": 0, "mask.mask_ratio": 0.1})
-    assert pooled["seeds"] == [0, 1, 2]  # the other axis's variant is not a replicate
+    pooled = seed_pooled(entries, {"seed": 0, "mask.mask_ratio": 0.1}, reports, n_bootstrap=500)
+    assert pooled["seeds"] == [0, 1, 2] and pooled["items"] == 300  # the other axis's variant is not a replicate
     vs_fft = next(c for c in pooled["comparisons"] if (c["arm_a"], c["arm_b"]) == ("mft", "fft"))
-    assert (vs_fft["n"], vs_fft["a_only"], vs_fft["b_only"]) == (900, 24, 0)
-    assert vs_fft["p_value"] == mcnemar_exact_counts(24, 0).p_value and vs_fft["significant"]
+    assert (vs_fft["items"], vs_fft["seeds"], vs_fft["test"]) == (300, 3, "mcnemar")
+    assert vs_fft["p_value"] == pytest.approx(one["p_value"]) and vs_fft["significant"]
+    assert vs_fft["items_fixed"]["p_value"] == mcnemar_exact_counts(24, 0).p_value < vs_fft["p_value"]
     assert vs_fft["per_seed"] == pytest.approx([100 * one["diff"]] * 3) and vs_fft["seeds_same_sign"] == 3
     assert all("@" not in c["arm_a"] + c["arm_b"] for c in pooled["comparisons"])  # last checkpoints only
     mft = next(a for a in pooled["arms"] if a["arm"] == "mft")
-    cell = next(r for r in report["rows"] if (r["arm"], r["benchmark"], r["metric"]) == ("mft", "gsm8k", "exact_match"))
-    assert mft["n"] == 900 and mft["value"] == pytest.approx(100 * cell["value"])
-    assert mft["ci_high"] - mft["ci_low"] < 100 * (cell["ci_high"] - cell["ci_low"])  # three times the items
+    cell = next(r for r in reports[0]["rows"]
+                if (r["arm"], r["benchmark"], r["metric"]) == ("mft", "gsm8k", "exact_match"))
+    assert (mft["items"], mft["seeds"]) == (300, 3) and mft["value"] == pytest.approx(100 * cell["value"])
+    assert (mft["ci_low"], mft["ci_high"]) == pytest.approx((100 * cell["ci_low"], 100 * cell["ci_high"]))
 
-    assert seed_pooled(entries[:1] + entries[3:], {"seed": 0}) is None  # no replicate: nothing pooled
-    assert seed_pooled(entries, {"mask.mask_ratio": 0.1}) is None  # no seed axis
+    assert seed_pooled(entries[:1] + entries[3:], {"seed": 0}, reports[:1] + reports[3:]) is None  # no replicate
+    assert seed_pooled(entries, {"mask.mask_ratio": 0.1}, reports) is None  # no seed axis
     write_sweep_table(entries, tmp_path / "table", sweep="seeds", base_recipe="fake",
                       base_values={"seed": 0, "mask.mask_ratio": 0.1})
     markdown = (tmp_path / "table" / "sweep.md").read_text()
     assert "## Pooled over seeds 0, 1, 2" in markdown and "| mft | fft | +2.7†" in markdown
+    assert "| mft | " in markdown and " | 300 x 3 | " in markdown and "| 24 / 0, " in markdown
     assert json.loads((tmp_path / "table" / "sweep.json").read_text())["seed_pooled"]["comparisons"]
+
+
+def _seed_runs(tmp_path, mft_extra_items):
+    """Three seed variants of 40 items: pretrained and FFT right on items 0-9 in every seed, MFT on those and on
+    ``mft_extra_items[seed]`` besides."""
+    import numpy as np
+    from fake_run import write_eval
+
+    entries, reports = [], []
+    for seed, extra in enumerate(mft_extra_items):
+        run_dir = tmp_path / f"seed-{seed}"
+        base = np.zeros(40)
+        base[:10] = 1.0
+        mft = base.copy()
+        mft[list(extra)] = 1.0
+        evaluations = [{"arm": arm, "checkpoint": "last", "step": None, "split": "test", "benchmark": "gsm8k",
+                        **write_eval(run_dir, f"eval-{arm}", "gsm8k", "exact_match", {"exact_match": scores})}
+                       for arm, scores in (("pretrained", base), ("fft", base), ("mft", mft))]
+        (run_dir / "run.json").write_text(json.dumps({
+            "recipe": "fake", "domain": "math", "backbone": "tiny", "arms": ["pretrained", "fft", "mft"],
+            "evaluations": evaluations, "training": [], "masks": {}, "provenance": {}}))
+        reports.append(build_report(run_dir, n_bootstrap=200))
+        entries.append({"variant": "base" if seed == 0 else f"seed-{seed}", "axis": None if seed == 0 else "seed",
+                        "value": None if seed == 0 else seed, "run_dir": run_dir})
+    return entries, reports
+
+
+def test_an_advantage_on_the_same_few_items_in_every_seed_is_not_tripled(tmp_path):
+    from mft_bench.report.seed_pool import seed_pooled
+    from mft_bench.report.stats import mcnemar_exact_counts
+
+    entries, reports = _seed_runs(tmp_path / "same", [range(10, 15)] * 3)
+    pooled = seed_pooled(entries, {"seed": 0}, reports, n_bootstrap=2000)
+    vs_fft = next(c for c in pooled["comparisons"] if (c["arm_a"], c["arm_b"]) == ("mft", "fft"))
+    # five items, the same five each time: as much evidence as one seed's 5 vs 0 (p = 0.0625)
+    assert vs_fft["test"] == "mcnemar" and vs_fft["p_value"] == mcnemar_exact_counts(5, 0).p_value
+    assert not vs_fft["significant"] and vs_fft["diff"] == pytest.approx(12.5)
+    assert vs_fft["items_fixed"]["p_value"] == mcnemar_exact_counts(15, 0).p_value < 0.05  # what items-fixed says
+    pretrained = next(a for a in pooled["arms"] if a["arm"] == "pretrained")
+    assert pretrained["ci_method"] == "wilson" and pretrained["items"] == 40  # evaluated alike: 40 items, not 120
+
+    # fifteen different items, five per seed: seed-averaged differences of 1/3, resampled over items
+    entries, reports = _seed_runs(tmp_path / "rotating", [range(10, 15), range(15, 20), range(20, 25)])
+    pooled = seed_pooled(entries, {"seed": 0}, reports, n_bootstrap=2000)
+    vs_fft = next(c for c in pooled["comparisons"] if (c["arm_a"], c["arm_b"]) == ("mft", "fft"))
+    assert vs_fft["test"] == "bootstrap" and vs_fft["diff"] == pytest.approx(12.5)
+    assert vs_fft["significant"] and vs_fft["p_value"] < 0.01 and 0 < vs_fft["ci_low"] < 12.5 < vs_fft["ci_high"]
+    mft = next(a for a in pooled["arms"] if a["arm"] == "mft")
+    assert mft["ci_method"] == "bootstrap" and mft["value"] == pytest.approx(100 * (10 + 5) / 40)
 
 
 def test_seed_variants_share_the_pretrained_evaluation_unless_it_samples(tmp_path, capsys):

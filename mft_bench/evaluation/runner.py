@@ -226,8 +226,8 @@ def _backend(name: str, model: Any, tokenizer: Any, *, model_path: str | None, b
              dtype: str | None, max_length: int | None):
     from mft_bench.evaluation.backends import make_backend
 
-    if name == "hf" and model is None:
-        model, tokenizer = _load(model_path, tokenizer, dtype)
+    if name == "hf":
+        model, tokenizer = _in_memory(model, tokenizer, model_path, dtype)
     return make_backend(name, model=model, tokenizer=tokenizer, model_path=model_path, batch_size=batch_size, seed=seed,
                         dtype=dtype, max_length=max_length)
 
@@ -243,7 +243,12 @@ def _closing(generator: Any) -> Iterator[None]:
             close()
 
 
-def _load(model_path: str | None, tokenizer: Any, dtype: str | None = None) -> tuple[Any, Any]:
+def _in_memory(model: Any, tokenizer: Any, model_path: str | None, dtype: str | None) -> tuple[Any, Any]:
+    """What an in-process engine (the hf backend, lm-eval) runs: the model object given, else the checkpoint at
+    ``model_path`` loaded here (for a stage, ``stage_models.evaluated_model`` has decided which of the two to pass;
+    vLLM takes the folder alone, ``backends.make_backend``)."""
+    if model is not None:
+        return model, tokenizer
     if not model_path:
         raise MftBenchError("evaluate needs a model object or model_path (a checkpoint folder)")
     from mft_bench.backbone import load_backbone
@@ -279,8 +284,7 @@ def _evaluate_lm_eval(
     shots = options.get("num_fewshot")
     from mft_bench.evaluation.lm_eval_task import run_lm_eval_task
 
-    if model is None:
-        model, tokenizer = _load(model_path, tokenizer, dtype)
+    model, tokenizer = _in_memory(model, tokenizer, model_path, dtype)
 
     # Options are passed only when given, so lm_eval_task's own defaults (e.g. bootstrap_iters) apply otherwise.
     extra = {key: options[key] for key in ("gen_kwargs", "bootstrap_iters", "seeds") if key in options}

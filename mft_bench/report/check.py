@@ -6,6 +6,12 @@ Reference format::
      "metrics": [{"arm": "mft", "benchmark": "gsm8k", "metric": "exact_match", "value": 0.47, "tolerance": 0.02,
                   "n": 1319}]}
 
+A sweep's reference (``mft-bench check SWEEP_DIR``) holds one such reference per variant::
+
+    {"sweep": "smollm2-math-seeds", "variants": {"base": {"recipe": ..., "metrics": [...]}, "seed-1": {...}}}
+
+and a sweep passes when every variant's report passes its own (a variant without a report fails).
+
 A metric passes when the report has the same (arm, benchmark, metric) row, on the same number of items ``n``
 where the reference records it (a records file that lost lines is a regression, not a pass), and
 ``|value - reference| <= tolerance + 1e-9``; a missing row fails.
@@ -149,3 +155,27 @@ def reference_from_report(report: dict, *, tolerance: float | None = None) -> di
 def write_reference(report: dict, path: Path, *, tolerance: float | None = None) -> Path:
     """Write the report's metrics as the new reference (on purpose: ``mft-bench check --update``)."""
     return write_text_atomic(Path(path), dumps_json(reference_from_report(report, tolerance=tolerance)))
+
+
+def sweep_reference(reports: dict[str, dict], *, sweep: str, tolerance: float | None = None) -> dict[str, Any]:
+    """A sweep's reference: every variant's report's (see the module docstring)."""
+    if not reports:
+        raise MftBenchError(f"sweep {sweep}: no variant has a report.json; nothing to write as a reference")
+    return {"sweep": sweep,
+            "variants": {name: reference_from_report(report, tolerance=tolerance) for name, report in reports.items()}}
+
+
+def check_sweep_against_reference(reports: dict[str, dict], reference: dict) -> list[str]:
+    """One line per failing metric of any variant (prefixed with the variant), or per variant the sweep folder
+    lacks; [] when every variant passes."""
+    variants = reference.get("variants") if isinstance(reference, dict) else None
+    if not isinstance(variants, dict) or not variants:
+        raise MftBenchError("reference: expected a sweep reference, an object with a 'variants' object "
+                            "(write one with --update on the sweep folder)")
+    failures = []
+    for name, expected in variants.items():
+        if name not in reports:
+            failures.append(f"{name}: no report.json for this variant in the sweep folder")
+            continue
+        failures += [f"{name}: {line}" for line in check_against_reference(reports[name], expected)]
+    return failures

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_train_loss_reduction import rows_of_different_lengths, trainer_gradients  # noqa: E402
+from test_loss_reduction import rows_of_different_lengths, trainer_gradients  # noqa: E402
 from train_helpers import tiny_setup  # noqa: E402
 
 
