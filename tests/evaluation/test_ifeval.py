@@ -185,6 +185,7 @@ def _letter_frequency_pairs() -> list:
     return [[row, response] for row in rows for response in responses]
 
 
+@pytest.mark.slow  # measured among the slowest of the default suite (--durations)
 def test_random_argument_checkers_give_the_same_verdicts_in_any_process() -> None:
     import os
     import random

@@ -26,6 +26,7 @@ def checkpoint(tmp_path_factory):
     return folder, model, tokenizer
 
 
+@pytest.mark.slow  # measured among the slowest of the default suite (--durations)
 def test_worker_records_equal_in_process_evaluation(checkpoint, tmp_path):
     folder, model, tokenizer = checkpoint
     expected = runner.evaluate(model, tokenizer, "synthetic_math", tmp_path / "here", options=OPTIONS, batch_size=4,
@@ -49,6 +50,7 @@ def test_bad_input_is_the_workers_one_line_error(checkpoint, tmp_path):
     assert str(err.value) == " ".join(str(in_process.value).split())
 
 
+@pytest.mark.slow  # measured among the slowest of the default suite (--durations)
 def test_a_crash_is_a_runtime_error_with_the_workers_stderr(checkpoint, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
