@@ -314,7 +314,7 @@ def estimate_generation(
     per_token = 2 * body + 2 * shape.num_layers * shape.attn_dim * prompt_tokens
     prefill_flops = (sequences * (prompt_tokens - shared) + batches * shared) * per_token
     prefill_flops += sequences * 2 * shape.vocab * shape.hidden
-    prefill_s = prefill_flops / hardware.gen_flops + batches * shape.num_layers * hardware.layer_overhead_s
+    prefill_s = prefill_flops / hardware.generation_flops(dtype_bytes) + batches * shape.num_layers * hardware.layer_overhead_s
     # keys/values a row streams per decode step: its own columns plus its share of the prefix read once per batch
     mid_context = prompt_tokens - shared + new_tokens // 2 + shared // max(min(batch_size, sequences), 1)
     decode_flops = sequences * new_tokens * (2 * n + 4 * shape.num_layers * shape.attn_dim * mid_context)

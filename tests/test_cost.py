@@ -158,6 +158,27 @@ def test_cpu_calibration_reproduces_the_measurements() -> None:
     assert cpu_hardware(1).peak_flops < CPU2.peak_flops < cpu_hardware(8).peak_flops < 8 * cpu_hardware(1).peak_flops
 
 
+def test_a_cpu_with_native_bf16_computes_bf16_faster_and_fp32_as_before() -> None:
+    from mft_bench.hardware import cpu_has_bf16
+
+    assert cpu_has_bf16("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 sse\n")
+    assert cpu_has_bf16("flags : fpu amx_bf16 amx_tile\n")
+    assert not cpu_has_bf16("flags : fpu avx2 avx512f avx512bw\n") and not cpu_has_bf16("")
+    bf16 = cpu_hardware(2, bf16=True)
+    assert bf16.train_flops(4) == CPU2.train_flops(4) == CPU2.train_flops(2)  # no native bf16: bf16 is no faster
+    assert bf16.train_flops(2) == pytest.approx(1.6 * CPU2.train_flops(2))
+    assert bf16.gen_tokens_per_s(SMOL, batch_size=32, context=64, dtype_bytes=4) == pytest.approx(145.0)
+    fp32_gen = estimate_generation(SMOL, prompt_tokens=80, new_tokens=100, sequences=100, batch_size=32,
+                                   hardware=bf16, dtype_bytes=4)
+    bf16_gen = estimate_generation(SMOL, prompt_tokens=80, new_tokens=100, sequences=100, batch_size=32,
+                                   hardware=bf16, dtype_bytes=2)
+    # measured on such a CPU, the default recipe: each 100-item evaluation 1.8-2.2x faster in bf16
+    assert 1.6 < fp32_gen.seconds / bf16_gen.seconds < 2.4
+    fft = [estimate_training(SMOL, "fft", 1560, hardware=bf16, micro_batch_tokens=1560, seq_len=256,
+                             dtype_bytes=b, master_weights=True).seconds for b in (4, 2)]
+    assert 1.3 < fft[0] / fft[1] < 1.8  # measured: FFT steps 1.51x
+
+
 def test_generation_estimate() -> None:
     kw = dict(prompt_tokens=64, new_tokens=128, hardware=CPU2)
     small = estimate_generation(SMOL, sequences=32, batch_size=32, **kw)
