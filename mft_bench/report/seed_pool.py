@@ -76,7 +76,7 @@ def seed_pooled(entries: list[dict[str, Any]], base_values: dict[str, Any], repo
             comparisons.append(_pooled_comparison(pair, found, item_scores, n_bootstrap))
     return {"seeds": seeds, "benchmark": benchmark, "metric": metric, "selection": selection,
             "items": len(_common_items(next(iter(item_scores.values())))) if item_scores else 0,
-            "arms": arms, "comparisons": comparisons, "method": METHOD}
+            "arms": arms, "comparisons": comparisons, "method": METHOD, "n_bootstrap": n_bootstrap}
 
 
 def _item_scores(run, arm_row: str, benchmark: str, metric: str) -> dict[str, float] | None:
@@ -168,5 +168,10 @@ def render_seed_pooled(pooled: dict[str, Any]) -> str:
         lines.append(
             f"| {c['arm_a']} | {c['arm_b']} | "
             f"{interval_cell(c['diff'], c['ci_low'], c['ci_high'], signed=True, significant=c['significant'])} | "
-            f"{c['p_value']:.2g} | {fixed_cell} | {per_seed} | {c['seeds_same_sign']}/{len(c['per_seed'])} |")
+            f"{_p(c['p_value'], pooled['n_bootstrap'])} | {fixed_cell} | {per_seed} | {c['seeds_same_sign']}/{len(c['per_seed'])} |")
     return "\n".join(lines) + "\n"
+
+
+def _p(value: float, n_bootstrap: int) -> str:
+    """A bootstrap p of 0 means below the resampling's resolution: said so."""
+    return f"< {1 / n_bootstrap:.0e}" if value == 0 else f"{value:.2g}"
