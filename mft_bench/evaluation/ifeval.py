@@ -88,10 +88,12 @@ def suppress_nltk_download() -> Iterator[None]:
 
 def load_checkers() -> ModuleType:
     """Import ``lm_eval.tasks.ifeval.utils`` without letting it download NLTK data or print."""
+    state = random.getstate()  # a first import draws from the global random (lm-eval's, nltk's, ...): undone
     import langdetect
 
     with suppress_nltk_download():
         from lm_eval.tasks.ifeval import utils
+    random.setstate(state)
     # langdetect is randomised unless seeded; a fixed seed makes the language checks reproducible.
     langdetect.DetectorFactory.seed = 0
     return utils
